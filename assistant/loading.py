@@ -1,0 +1,75 @@
+"""Load a base model plus an optional adapter folder from the trainer, ready to chat."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from assistant.embedded import EMBEDDED
+from assistant.models import Precision, load_base_model, load_tokenizer, pick_precision
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChatModel:
+    """A loaded model with the tokenizer (and chat template) it must be served with."""
+
+    model: object
+    tokenizer: object
+    base_model: str
+    precision: Precision
+    adapter: str | None = None
+    method: str | None = None  # "lora" | "prefix" | None
+    # One generation at a time per model: peft's disable_adapter() (compare mode) mutates the model.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def describe(self) -> str:
+        """Human summary for the log and the UI."""
+        what = f"{self.base_model} + {self.method} adapter {self.adapter}" if self.adapter else self.base_model
+        return f"{what} ({self.precision.describe()})"
+
+    @property
+    def context_window(self) -> int:
+        """Tokens the model attends over (prompt + reply)."""
+        return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+
+
+def adapter_info(adapter: str | Path) -> dict:
+    """The adapter folder's peft config, with a clear error when the folder is not an adapter."""
+    config = Path(adapter) / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{adapter}: not an adapter folder (no adapter_config.json); train one with train.sft")
+    return json.loads(config.read_text())
+
+
+def method_of(info: dict) -> str:
+    """'lora' or 'prefix' from a peft config dict."""
+    kind = str(info.get("peft_type", "")).upper()
+    return {"LORA": "lora", "PREFIX_TUNING": "prefix"}.get(kind, kind.lower())
+
+
+def load_chat_model(
+    base_model: str | None = None, adapter: str | Path | None = None, precision: str = "auto"
+) -> ChatModel:
+    """Base model (default: the adapter's base, else the embedded model) plus an optional adapter."""
+    info = adapter_info(adapter) if adapter else {}
+    base = base_model or info.get("base_model_name_or_path") or EMBEDDED
+    chosen = pick_precision(precision)
+    # The adapter folder carries the tokenizer and template it was trained with: serve exactly those.
+    has_tokenizer = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(adapter) if has_tokenizer else base)
+    model = load_base_model(base, chosen)
+    method = None
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+        method = method_of(info)
+    model.eval()
+    chat = ChatModel(model, tokenizer, base, chosen, str(adapter) if adapter else None, method)
+    logger.info("chat model ready: %s", chat.describe())
+    return chat
