@@ -95,7 +95,9 @@ def stream_reply(
         pad_token_id=chat.tokenizer.pad_token_id,
         **params.generate_kwargs(),
     )
-    thread = threading.Thread(target=_generate, args=(chat, kwargs, params.seed, use_adapter, streamer), daemon=True)
+    thread = threading.Thread(
+        target=_generate, args=(chat, kwargs, params.seed, use_adapter, streamer), daemon=True
+    )
     thread.start()
     text = ""
     try:
@@ -122,3 +124,11 @@ def _generate(chat: ChatModel, kwargs: dict, seed: int | None, use_adapter: bool
         logger.exception("generation failed")
         streamer.end()
         raise
+
+
+def complete_reply(chat: ChatModel, messages: list[dict[str, str]], params: GenerationParams, **kwargs) -> str:
+    """The whole reply, through the same streaming path the app uses."""
+    text = ""
+    for text in stream_reply(chat, messages, params, **kwargs):  # noqa: B007 - keep the last, longest text
+        pass
+    return text

