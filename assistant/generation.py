@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
+from assistant.batching import END, Request, engine_for
 from assistant.chat_format import encode_prompt
 from assistant.loading import ChatModel
 
@@ -28,6 +25,18 @@ class GenerationParams:
     repetition_penalty: float = 1.1
     seed: int | None = None
 
+    def batch_key(self, use_adapter: bool) -> tuple:
+        """Requests with equal keys can share one batched generate call."""
+        return (
+            self.max_new_tokens,
+            self.temperature,
+            self.top_p,
+            self.top_k,
+            self.repetition_penalty,
+            self.seed,
+            use_adapter,
+        )
+
     def generate_kwargs(self) -> dict:
         """Keyword arguments for `model.generate`."""
         kwargs: dict = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
@@ -36,16 +45,6 @@ class GenerationParams:
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kwargs
-
-
-class CancelOnEvent(StoppingCriteria):
-    """Stops generation at the next token once the request's cancel event is set."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
 
 
 def fit_history(tokenizer, messages: list[dict[str, str]], budget: int) -> tuple[list[int], int]:
@@ -84,49 +83,31 @@ def stream_reply(
         logger.info("history trimmed: %d oldest messages left out to fit the context window", dropped)
         if on_trim:
             on_trim(dropped)
-    streamer = TextIteratorStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    device = next(chat.model.parameters()).device
-    inputs = torch.tensor([ids], device=device)
-    kwargs = dict(
-        input_ids=inputs,
-        attention_mask=torch.ones_like(inputs),
-        streamer=streamer,
-        stopping_criteria=StoppingCriteriaList([CancelOnEvent(cancel)]),
-        pad_token_id=chat.tokenizer.pad_token_id,
-        **params.generate_kwargs(),
+    request = engine_for(chat).submit(
+        Request(
+            ids, params.batch_key(use_adapter), params.generate_kwargs(), use_adapter, cancel, params.seed
+        )
     )
-    thread = threading.Thread(
-        target=_generate, args=(chat, kwargs, params.seed, use_adapter, streamer), daemon=True
-    )
-    thread.start()
+    tokens: list[int] = []
     text = ""
     try:
-        for piece in streamer:
-            if piece:
-                text += piece
+        while (token := request.tokens.get()) is not END:
+            if isinstance(token, BaseException):
+                raise RuntimeError(f"generation failed: {token}") from token
+            tokens.append(token)
+            new = chat.tokenizer.decode(tokens, skip_special_tokens=True)
+            # A multi-byte character split across tokens decodes to U+FFFD until its last piece arrives.
+            if new != text and not new.endswith("\ufffd"):
+                text = new
                 yield text
     finally:
         # Reached on normal end, on Stop and when the consumer goes away (generator closed).
         cancel.set()
-        thread.join()
 
 
-def _generate(chat: ChatModel, kwargs: dict, seed: int | None, use_adapter: bool, streamer) -> None:
-    """Run `generate` under the model's lock; always ends the stream, even on error."""
-    try:
-        with chat.lock, torch.inference_mode():
-            if seed is not None:
-                torch.manual_seed(seed)
-            adapter_off = chat.adapter and not use_adapter
-            with chat.model.disable_adapter() if adapter_off else contextlib.nullcontext():
-                chat.model.generate(**kwargs)
-    except Exception:
-        logger.exception("generation failed")
-        streamer.end()
-        raise
-
-
-def complete_reply(chat: ChatModel, messages: list[dict[str, str]], params: GenerationParams, **kwargs) -> str:
+def complete_reply(
+    chat: ChatModel, messages: list[dict[str, str]], params: GenerationParams, **kwargs
+) -> str:
     """The whole reply, through the same streaming path the app uses."""
     text = ""
     for text in stream_reply(chat, messages, params, **kwargs):  # noqa: B007 - keep the last, longest text

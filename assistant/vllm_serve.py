@@ -1,0 +1,149 @@
+"""`python -m assistant.vllm_serve ADAPTER... [--base-model M] [--print]`: serve LoRA adapters on vLLM.
+
+Checks that every adapter is servable by vLLM's multi-LoRA before a GPU is spent on it, then runs
+(or prints) the exact `vllm serve ... --enable-lora --lora-modules name=path` command. The chat UI
+fronts the result with `python -m ui --backend-url http://HOST:8000/v1`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from assistant.embedded import EMBEDDED, embedded_model_dir
+from assistant.loading import adapter_info, method_of
+
+# vLLM's --max-lora-rank accepts these values only.
+VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# Layers vLLM's LoRA kernels cover in Llama-style models (all-linear in peft resolves to these).
+VLLM_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "all-linear"}
+
+
+class NotServable(ValueError):
+    """An adapter vLLM cannot serve, with the reason and the fix."""
+
+
+@dataclass
+class VLLMConfig:
+    """Options of `python -m assistant.vllm_serve`."""
+
+    adapters: list[str] = field(default_factory=list, metadata={"help": "LoRA adapter folders (positional)."})
+    base_model: str | None = field(
+        default=None, metadata={"help": "Base model; default: the adapters' own base."}
+    )
+    host: str = field(default="0.0.0.0", metadata={"help": "Address vLLM binds."})
+    port: int = field(default=8000, metadata={"help": "Port vLLM listens on."})
+    api_key: str | None = field(default=None, metadata={"help": "Require this bearer key (vLLM --api-key)."})
+    max_model_len: int = field(default=4096, metadata={"help": "Context length vLLM allocates for."})
+    print_only: bool = field(
+        default=False, metadata={"help": "Print the command instead of running it.", "aliases": ["--print"]}
+    )
+
+
+def check_adapter(folder: str | Path) -> dict:
+    """The adapter's peft config, if vLLM's multi-LoRA can serve it; NotServable otherwise."""
+    info = adapter_info(folder)
+    method = method_of(info)
+    if method != "lora":
+        raise NotServable(
+            f"{folder}: a {method} adapter cannot be served by vLLM, which serves LoRA only; merge it "
+            "(python -m train.merge, LoRA only) or retrain with --method lora"
+        )
+    if info.get("use_dora"):
+        raise NotServable(f"{folder}: vLLM does not serve DoRA adapters; retrain without --use-dora")
+    rank = int(info.get("r", 0))
+    if rank > max(VLLM_RANKS):
+        raise NotServable(
+            f"{folder}: LoRA rank {rank} exceeds vLLM's maximum {max(VLLM_RANKS)}; retrain with a lower --lora-rank"
+        )
+    targets = info.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    unknown = sorted(set(targets) - VLLM_MODULES)
+    if unknown:
+        raise NotServable(
+            f"{folder}: vLLM's LoRA does not cover {', '.join(unknown)}; target linear layers only"
+        )
+    if info.get("modules_to_save"):
+        raise NotServable(
+            f"{folder}: modules_to_save ({info['modules_to_save']}) is not served by vLLM's LoRA"
+        )
+    return info
+
+
+def vllm_command(config: VLLMConfig) -> list[str]:
+    """The `vllm serve` command line for the checked adapters."""
+    if not config.adapters:
+        raise NotServable("give at least one LoRA adapter folder")
+    infos = [check_adapter(a) for a in config.adapters]
+    bases = {config.base_model or info.get("base_model_name_or_path") or EMBEDDED for info in infos}
+    if len(bases) > 1:
+        raise NotServable(
+            f"the adapters were trained on different base models ({', '.join(sorted(bases))}); "
+            "vLLM serves adapters of one base model at a time"
+        )
+    base = bases.pop()
+    model = str(embedded_model_dir()) if base == EMBEDDED else base
+    rank = next(r for r in VLLM_RANKS if r >= max(int(i.get("r", 8)) for i in infos))
+    modules = [f"{Path(a).resolve().name}={Path(a).resolve()}" for a in config.adapters]
+    command = [
+        "vllm",
+        "serve",
+        model,
+        "--served-model-name",
+        "base",
+        "--host",
+        config.host,
+        "--port",
+        str(config.port),
+        "--max-model-len",
+        str(config.max_model_len),
+        "--enable-lora",
+        "--max-lora-rank",
+        str(rank),
+        "--max-loras",
+        str(len(modules)),
+        "--lora-modules",
+        *modules,
+    ]
+    if config.api_key:
+        command += ["--api-key", config.api_key]
+    return command
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check the adapters, then run or print the vLLM command."""
+    parser = HfArgumentParser(
+        VLLMConfig,
+        prog="python -m assistant.vllm_serve",
+        usage="python -m assistant.vllm_serve ADAPTER... [--base-model M] [--print]",
+    )
+    config, rest = parser.parse_args_into_dataclasses(
+        args=sys.argv[1:] if argv is None else argv, return_remaining_strings=True
+    )
+    if any(a.startswith("-") for a in rest):
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    config.adapters += rest
+    try:
+        command = vllm_command(config)
+    except (NotServable, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if config.print_only:
+        print(shlex.join(command))
+        return 0
+    if shutil.which(command[0]) is None:
+        print("error: vLLM is not installed here (it needs a CUDA GPU): `pip install vllm` on the GPU machine, "
+              "or pass --print to get the command", file=sys.stderr)
+        return 2
+    os.execvp(command[0], command)  # replaces this process: vLLM's own signals and exit code
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""vLLM scale-out: which adapters vLLM can serve, and the exact command it is started with."""
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from assistant.embedded import embedded_model_dir
+from assistant.vllm_serve import NotServable, VLLMConfig, check_adapter, vllm_command
+
+ROOT = Path(__file__).parent.parent
+
+
+def fake_adapter(folder: Path, **config) -> Path:
+    """An adapter folder as train.sft writes its config (weights are not read by the checks)."""
+    folder.mkdir(parents=True)
+    base = {
+        "peft_type": "LORA",
+        "r": 16,
+        "lora_alpha": 32,
+        "base_model_name_or_path": "embedded",
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "use_dora": False,
+        "modules_to_save": None,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps({**base, **config}))
+    return folder
+
+
+def test_a_lora_adapter_gives_the_exact_vllm_command(tmp_path):
+    a = fake_adapter(tmp_path / "support")
+    b = fake_adapter(tmp_path / "sales", r=24)
+    command = vllm_command(VLLMConfig(adapters=[str(a), str(b)], port=8001))
+    assert command[:3] == ["vllm", "serve", str(embedded_model_dir())]
+    line = shlex.join(command)
+    assert "--enable-lora" in command and "--max-lora-rank 32" in line and "--max-loras 2" in line
+    assert f"--lora-modules support={a.resolve()} sales={b.resolve()}" in line
+    assert "--port 8001" in line and "--served-model-name base" in line
+
+
+def test_a_prefix_adapter_is_refused_with_the_fix(tmp_path):
+    prefix = fake_adapter(tmp_path / "prefix", peft_type="PREFIX_TUNING")
+    with pytest.raises(NotServable, match="LoRA only.*merge.*--method lora"):
+        check_adapter(prefix)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"r": 1024}, "rank 1024"),
+        ({"target_modules": ["lm_head"]}, "lm_head"),
+        ({"modules_to_save": ["embed_tokens"]}, "modules_to_save"),
+    ],
+)
+def test_limits_of_vllm_lora_are_checked(tmp_path, config, message):
+    with pytest.raises(NotServable, match=message):
+        check_adapter(fake_adapter(tmp_path / "a", **config))
+
+
+def test_adapters_of_different_bases_are_refused(tmp_path):
+    a = fake_adapter(tmp_path / "a")
+    b = fake_adapter(tmp_path / "b", base_model_name_or_path="Qwen/Qwen2.5-0.5B-Instruct")
+    with pytest.raises(NotServable, match="different base models"):
+        vllm_command(VLLMConfig(adapters=[str(a), str(b)]))
+
+
+@pytest.mark.slow
+def test_cli_accepts_a_trained_lora_and_rejects_a_trained_prefix(tmp_path):
+    """On real adapters from the trainer (tiny runs), through the command line a user types."""
+    runs = {}
+    for method, lr in (("lora", "1e-3"), ("prefix", "3e-2")):
+        out = tmp_path / method
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "train.sft",
+                str(ROOT / "tests/data/valid_pairs.jsonl"),
+                "--method",
+                method,
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--learning-rate",
+                lr,
+                "--virtual-tokens",
+                "4",
+                "--probes",
+                "2",
+                "--probe-tokens",
+                "8",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[method] = out
+    cli = [sys.executable, "-m", "assistant.vllm_serve"]
+    ok = subprocess.run([*cli, str(runs["lora"]), "--print"], cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith("vllm serve ") and "--enable-lora" in ok.stdout
+    refused = subprocess.run([*cli, str(runs["prefix"]), "--print"], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "LoRA only" in refused.stderr
+    if shutil.which("vllm") is None:
+        missing = subprocess.run([*cli, str(runs["lora"])], cwd=ROOT, capture_output=True, text=True)
+        assert missing.returncode == 2 and "not installed" in missing.stderr
