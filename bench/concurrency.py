@@ -1,0 +1,282 @@
+"""`python -m bench.concurrency`: aggregate tokens/s and time to first chunk with 1, 4 and 8 simultaneous chats.
+
+Starts the app (`python -m ui`) on a free 127.0.0.1 port, sends N chats at once through
+gradio_client to its `/chat` endpoint, and stops the server at the end. Every request has a
+deadline; a request past it is cancelled and counted as a failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.common import (
+    RESULTS,
+    ROOT,
+    bar_chart,
+    log,
+    machine_load,
+    median,
+    parse_config,
+    percentile,
+    print_final,
+    ratio,
+    table,
+    write_results,
+)
+
+NAME = "concurrency"
+MESSAGES = [
+    "Tell me about the ocean.",
+    "Describe a busy train station in the morning.",
+    "What makes a good cup of coffee?",
+    "Explain how a bicycle works.",
+    "Write a few sentences about autumn in a small town.",
+    "Why do people keep houseplants?",
+    "Describe your ideal weekend.",
+    "What is interesting about the moon?",
+]
+
+
+@dataclass
+class ConcurrencyConfig:
+    """Options of `python -m bench.concurrency`."""
+
+    levels: list[int] = field(
+        default_factory=lambda: [1, 4, 8], metadata={"help": "Numbers of simultaneous chats to measure."}
+    )
+    max_new_tokens: int = field(default=64, metadata={"help": "max_new_tokens of every chat request."})
+    request_timeout: float = field(default=300.0, metadata={"help": "Seconds one request may take before it fails."})
+    startup_timeout: float = field(default=300.0, metadata={"help": "Seconds the app may take to start serving."})
+    url: str | None = field(
+        default=None, metadata={"help": "Benchmark an app already running at this URL instead of starting one."}
+    )
+    quick: bool = field(default=False, metadata={"help": "CI smoke run: 8 new tokens per request."})
+    output: str = field(default=str(RESULTS / f"{NAME}.json"), metadata={"help": "Where to write the JSON results."})
+
+    def apply_quick(self) -> None:
+        """Shrink everything for --quick."""
+        if self.quick:
+            self.max_new_tokens = 8
+
+
+def free_port() -> int:
+    """A 127.0.0.1 TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class AppServer:
+    """`python -m ui` in its own process group, on 127.0.0.1, with no adapters listed (the base model serves)."""
+
+    def __init__(self, startup_timeout: float):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.startup_timeout = startup_timeout
+        self.folder = tempfile.TemporaryDirectory(prefix="bench-app-")
+        self.log_path = Path(self.folder.name) / "server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> AppServer:
+        adapters = Path(self.folder.name) / "adapters"
+        adapters.mkdir()
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        with self.log_path.open("w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ui", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--adapters-dir", str(adapters)],
+                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the app exited with code {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"the app did not serve {self.url} within {self.startup_timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        """Last lines of the server's output."""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=15)
+        self.folder.cleanup()
+
+
+@dataclass
+class Outcome:
+    """One request's result."""
+
+    message: str
+    ttft_s: float | None = None
+    end_s: float | None = None
+    reply: str = ""
+    error: str | None = None
+
+
+def one_chat(client, message: str, config: ConcurrencyConfig, barrier: threading.Barrier, start: list[float],
+             outcome: Outcome) -> None:
+    """Send one chat when every thread is ready; poll its streamed outputs until done or the deadline."""
+    barrier.wait()
+    t0 = start[0]
+    job = None
+    try:
+        job = client.submit(message, api_name="/chat", max_new_tokens=config.max_new_tokens, temperature=0.0)
+        deadline = t0 + config.request_timeout
+        while not job.done():
+            outputs = job.outputs()
+            if outcome.ttft_s is None and outputs and outputs[-1]:
+                outcome.ttft_s = time.perf_counter() - t0
+            if time.perf_counter() > deadline:
+                job.cancel()
+                outcome.error = f"timed out after {config.request_timeout:.0f} s"
+                return
+            time.sleep(0.005)
+        outcome.end_s = time.perf_counter() - t0
+        outputs = job.outputs()
+        outcome.reply = str(job.result(timeout=30) if not outputs else outputs[-1])
+        if outcome.ttft_s is None and outcome.reply:
+            outcome.ttft_s = outcome.end_s  # the whole reply arrived in one chunk
+        if not outcome.reply:
+            outcome.error = "empty reply"
+    except Exception as error:  # any client error is a failed request, reported
+        outcome.error = f"{type(error).__name__}: {error}"
+
+
+def run_level(url: str, n: int, config: ConcurrencyConfig, count_tokens) -> dict:
+    """N simultaneous chats; aggregate tokens/s over the round's wall time and TTFT percentiles."""
+    from gradio_client import Client
+
+    clients = [Client(url, verbose=False) for _ in range(n)]
+    outcomes = [Outcome(MESSAGES[i % len(MESSAGES)]) for i in range(n)]
+    start: list[float] = [0.0]
+    barrier = threading.Barrier(n + 1)
+    threads = [
+        threading.Thread(target=one_chat, args=(clients[i], outcomes[i].message, config, barrier, start, outcomes[i]),
+                         daemon=True)
+        for i in range(n)
+    ]
+    for thread in threads:
+        thread.start()
+    start[0] = time.perf_counter()
+    barrier.wait()
+    for thread in threads:
+        thread.join(timeout=config.request_timeout + 60)
+    wall = time.perf_counter() - start[0]
+    ok = [o for o in outcomes if o.error is None]
+    tokens = sum(count_tokens(o.reply) for o in ok)
+    ends = [o.end_s for o in ok if o.end_s is not None]
+    span = max(ends) if ends else wall
+    ttfts = [o.ttft_s for o in ok if o.ttft_s is not None]
+    for client in clients:
+        try:
+            client.close()
+        except Exception:  # closing is best effort
+            pass
+    return {
+        "chats": n,
+        "tokens": tokens,
+        "wall_s": round(span, 3),
+        "tok_s": round(tokens / span, 2) if span > 0 and tokens else None,
+        "p50_ttft_s": round(median(ttfts), 3) if ttfts else None,
+        "p95_ttft_s": round(percentile(ttfts, 95), 3) if ttfts else None,
+        "failures": n - len(ok),
+        "errors": [o.error for o in outcomes if o.error],
+        "replies": [{"message": o.message, "tokens": count_tokens(o.reply), "ttft_s": o.ttft_s, "end_s": o.end_s}
+                    for o in outcomes],
+    }
+
+
+def render(levels: dict[int, dict]) -> str:
+    """The readable table."""
+    rows = [[n, r["tokens"], r["wall_s"], r["tok_s"], r["p50_ttft_s"], r["p95_ttft_s"], r["failures"]]
+            for n, r in levels.items()]
+    return table(["chats", "tokens", "wall s", "tok/s", "p50 TTFT s", "p95 TTFT s", "failures"], rows)
+
+
+def measure(url: str, config: ConcurrencyConfig) -> dict[int, dict]:
+    """Warm the app with one chat, then run every level."""
+    from assistant.models import load_tokenizer
+
+    tokenizer = load_tokenizer("embedded")
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+    warm = run_level(url, 1, config, count_tokens)
+    log(f"warm-up: {warm['tokens']} tokens, errors {warm['errors']}")
+    results = {}
+    for n in config.levels:
+        log(f"{n} simultaneous chat(s)")
+        results[n] = run_level(url, n, config, count_tokens)
+        log(f"  {results[n]['tok_s']} tok/s, p95 TTFT {results[n]['p95_ttft_s']} s, errors {results[n]['errors']}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the app, measure every level, stop the app, print the table and the FINAL JSON line."""
+    logging.basicConfig(level=logging.WARNING)
+    config = parse_config(ConcurrencyConfig, argv)
+    config.apply_quick()
+    load = machine_load()
+    if config.url:
+        levels = measure(config.url, config)
+    else:
+        with AppServer(config.startup_timeout) as server:
+            log(f"app serving at {server.url}")
+            levels = measure(server.url, config)
+    top = max(config.levels)
+    final = {
+        **{f"tok_s_{n}": r["tok_s"] for n, r in levels.items()},
+        f"ratio_{top}_vs_1": ratio(levels[top]["tok_s"], levels.get(1, {}).get("tok_s")),
+        **{f"p95_ttft_s_{n}": r["p95_ttft_s"] for n, r in levels.items()},
+        **{f"p50_ttft_s_{n}": r["p50_ttft_s"] for n, r in levels.items()},
+        "failures": sum(r["failures"] for r in levels.values()),
+        "max_new_tokens": config.max_new_tokens,
+        "quick": config.quick,
+        "load_avg_1m_start": load,
+    }
+    write_results(Path(config.output).stem, {"final": final, "config": vars(config),
+                                             "levels": {str(n): r for n, r in levels.items()}},
+                  Path(config.output).parent)
+    bar_chart(Path(config.output).with_suffix(".png"), [f"{n} chat(s)" for n in levels],
+              [r["tok_s"] for r in levels.values()], title="Aggregate decode tokens/s of the app",
+              ylabel="tokens / s")
+    print(render(levels))
+    print_final(final)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Fixtures for the chat app tests: the real app served in-process, and Debian chromium via Playwright."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# No analytics calls from the in-process server (there is no network here anyway).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+
+
+def free_port() -> int:
+    """A localhost TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def generations_running() -> int:
+    """Replies the model is generating right now, in this process (the app server runs in it too)."""
+    try:  # the batching runtime: one engine thread per model, one row per reply
+        from assistant.batching import running_generations
+    except ImportError:  # the thread-per-reply runtime: stream_reply's `_generate` threads
+        return sum(t.is_alive() and "_generate" in t.name for t in threading.enumerate())
+    return running_generations()
+
+
+def wait_for(condition, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):
+    """Poll `condition` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@dataclass
+class Server:
+    """The running app: its URL, Blocks and model registry."""
+
+    url: str
+    demo: object
+    registry: object
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(tmp_path_factory) -> Path:
+    """A LoRA adapter folder ("pirate") on the embedded model with random B weights, so it changes replies."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from assistant.models import load_base_model, load_tokenizer, pick_precision
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        load_base_model("embedded", pick_precision("fp32")),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero (a no-op adapter); make it matter
+                param.normal_(0.0, 0.5)
+    folder = tmp_path_factory.mktemp("adapters") / "pirate"
+    model.save_pretrained(folder)
+    load_tokenizer("embedded").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def app_server(lora_adapter) -> Server:
+    """The real app on a free localhost port: the embedded model (chosen) plus the test adapter in the
+    menu, short greedy replies."""
+    from assistant.generation import GenerationParams
+    from ui.app import build_app
+    from ui.config import ChatConfig
+    from ui.models import BASE_CHOICE, ModelRegistry, adapter_choices
+
+    config = ChatConfig(adapters_dir=str(lora_adapter.parent), max_queue=8)
+    registry = ModelRegistry(adapter_choices(config.adapters_dir), default=BASE_CHOICE)
+    demo = build_app(config, defaults=GenerationParams(max_new_tokens=24, temperature=0.0), registry=registry)
+    demo.registry.get(demo.registry.default_choice())  # load now, not inside the first test's timing
+    port = free_port()
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield Server(url.rstrip("/") + "/", demo, demo.registry)
+    demo.close()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian chromium driven by Playwright (skipped where it is not installed)."""
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian chromium: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's own browser downloads are never used; keep it from looking for them.
+    os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def open_page(browser, app_server):
+    """Factory: a fresh browser context (its own localStorage: one "user") with the app loaded.
+
+    Each page gets `.dialogs`, the JavaScript dialogs (alert, confirm...) it raised.
+    """
+    from ui.app import STORAGE_KEY
+
+    contexts = []
+
+    def open_() -> object:
+        context = browser.new_context()
+        contexts.append(context)
+        page = context.new_page()
+        page.dialogs = []
+
+        def on_dialog(dialog):
+            page.dialogs.append(dialog.message)
+            dialog.dismiss()
+
+        page.on("dialog", on_dialog)
+        page.goto(app_server.url)
+        page.wait_for_selector("#message textarea")
+        # The app is ready once gr.BrowserState has written this browser's (empty) history.
+        page.wait_for_function(f"localStorage.getItem({STORAGE_KEY!r}) !== null")
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()

@@ -1,0 +1,124 @@
+"""The runtime the app is built on, with the real embedded model: trimming, Stop, compare mode, adapters."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from assistant.generation import GenerationParams, fit_history, stream_reply
+from assistant.loading import ChatModel, load_chat_model
+from tests.conftest import generations_running, wait_for
+from ui.models import BASE_CHOICE, ModelRegistry, adapter_choices, find_adapters
+
+pytestmark = pytest.mark.slow
+
+GREEDY = GenerationParams(max_new_tokens=24, temperature=0.0)
+SYSTEM = {"role": "system", "content": "You are Captain Zebulon, a pirate who loves maps."}
+
+
+@pytest.fixture(scope="module")
+def chat() -> ChatModel:
+    return load_chat_model()
+
+
+def exchanges(n: int) -> list[dict[str, str]]:
+    turns = []
+    for i in range(n):
+        turns += [{"role": "user", "content": f"Question number {i}: tell me about island {i}."},
+                  {"role": "assistant", "content": f"Island {i} has sandy beaches and tall palm trees. " * 3}]
+    return turns
+
+
+def reply(chat: ChatModel, messages, **kwargs) -> str:
+    texts = list(stream_reply(chat, messages, GREEDY, **kwargs))
+    return texts[-1] if texts else ""
+
+
+def test_trimming_keeps_the_system_prompt(chat):
+    messages = [SYSTEM, *exchanges(6), {"role": "user", "content": "Which island was last?"}]
+    full, _ = fit_history(chat.tokenizer, messages, budget=10_000)
+    ids, dropped = fit_history(chat.tokenizer, messages, budget=len(full) // 2)
+    prompt = chat.tokenizer.decode(ids)
+    assert dropped > 0 and dropped % 2 == 0, "whole exchanges are dropped"
+    assert len(ids) <= len(full) // 2
+    assert "Captain Zebulon" in prompt, "the system prompt survives trimming"
+    assert "Which island was last?" in prompt
+    assert "Question number 0" not in prompt, "the oldest exchange goes first"
+
+
+def test_stream_reply_reports_trimming(chat):
+    class SmallWindow(ChatModel):
+        @property
+        def context_window(self) -> int:
+            return 160
+
+    small = SmallWindow(chat.model, chat.tokenizer, chat.base_model, chat.precision)
+    trimmed: list[int] = []
+    stream = stream_reply(small, [SYSTEM, *exchanges(4), {"role": "user", "content": "Hi"}],
+                          GenerationParams(max_new_tokens=4, temperature=0.0), on_trim=trimmed.append)
+    text = list(stream)[-1]
+    assert trimmed and trimmed[0] >= 2 and text
+
+
+def test_stop_ends_generation_within_a_token(chat):
+    steps: list[int] = []
+    hook = chat.model.register_forward_hook(lambda *_: steps.append(1))  # one forward pass per new token
+    cancel = threading.Event()
+    try:
+        stream = stream_reply(chat, [{"role": "user", "content": "Tell me a long story about a fox."}],
+                              GenerationParams(max_new_tokens=300, temperature=0.0), cancel=cancel)
+        for chunks, _ in enumerate(stream, 1):
+            if chunks == 5:
+                cancel.set()
+                at_stop = len(steps)
+    finally:
+        hook.remove()
+    assert at_stop < 300
+    assert len(steps) - at_stop <= 2, f"{len(steps) - at_stop} tokens were generated after Stop"
+
+
+def test_closing_the_stream_stops_the_generation(chat):
+    stream = stream_reply(chat, [{"role": "user", "content": "Count from one to five hundred."}],
+                          GenerationParams(max_new_tokens=300, temperature=0.0))
+    next(stream)
+    assert generations_running()
+    stream.close()  # what Gradio does when a browser goes away
+    wait_for(lambda: not generations_running(), 5, what="the generation to end after close()")
+
+
+def test_compare_mode_gives_base_and_adapter_replies(chat, lora_adapter):
+    tuned = load_chat_model(adapter=lora_adapter)
+    assert tuned.adapter and tuned.method == "lora"
+    messages = [{"role": "user", "content": "Write one sentence about a cat."}]
+    with_adapter = reply(tuned, messages, use_adapter=True)
+    without = reply(tuned, messages, use_adapter=False)
+    assert with_adapter != without, "the adapter should change the greedy reply"
+    assert without == reply(chat, messages), "adapter switched off is the plain base model"
+
+
+def test_adapter_picker_lists_adapter_folders(tmp_path, lora_adapter):
+    (tmp_path / "alpha").mkdir()
+    (tmp_path / "alpha" / "adapter_config.json").write_text("{}")
+    (tmp_path / "not-an-adapter").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    assert list(find_adapters(tmp_path)) == ["alpha"]
+    assert find_adapters(tmp_path / "missing") == {}
+
+    choices = adapter_choices(tmp_path, [str(lora_adapter)])
+    assert list(choices) == ["alpha", "pirate"]
+    registry = ModelRegistry(choices)
+    assert registry.choices == [BASE_CHOICE, "alpha", "pirate"]
+    with pytest.raises(FileNotFoundError):
+        adapter_choices(tmp_path, [str(tmp_path / "not-an-adapter")])
+
+
+def test_registry_loads_lazily_and_caches(lora_adapter):
+    registry = ModelRegistry({"pirate": lora_adapter})
+    assert "loads on first use" in registry.describe("pirate")
+    first = registry.get("pirate")
+    assert registry.get("pirate") is first
+    assert first.adapter and "lora adapter" in registry.describe("pirate")
+    assert "cpu" in registry.describe("pirate")
+    with pytest.raises(KeyError):
+        registry.get("nope")

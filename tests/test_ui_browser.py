@@ -1,0 +1,169 @@
+"""The chat app in a real browser: streaming, Stop, per-user history, inert HTML, reload."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.conftest import generations_running, wait_for
+from ui.app import STORAGE_KEY
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+BOT = "#chatbot [data-testid='bot']"
+USER = "#chatbot [data-testid='user']"
+
+
+def send(page, text: str) -> None:
+    """Type a message and press Send."""
+    page.fill("#message textarea", text)
+    page.click("#send")
+
+
+def bot_texts(page) -> list[str]:
+    """Text of every assistant message shown."""
+    return page.locator(BOT).all_inner_texts()
+
+
+def last_reply(page) -> str:
+    """Text of the newest assistant message ('' before there is one)."""
+    texts = bot_texts(page)
+    return texts[-1] if texts else ""
+
+
+def stored(page) -> str | None:
+    """This browser's saved history (encrypted by gr.BrowserState; re-encrypted on every save)."""
+    return page.evaluate(f"localStorage.getItem({STORAGE_KEY!r})")
+
+
+def finish(page, action, timeout: float = 90.0) -> str:
+    """Do `action` and wait until the app saved the resulting history, which it does once the turn
+    is over; returns the last reply then shown."""
+    before = stored(page)
+    action()
+    wait_for(lambda: stored(page) != before, timeout, what="the turn to end and be saved")
+    return last_reply(page)
+
+
+def chat(page, text: str) -> str:
+    """Send a message and wait for the whole reply."""
+    return finish(page, lambda: send(page, text))
+
+
+def set_max_new_tokens(page, value: int) -> None:
+    """Open the settings accordion and type a value into the max-new-tokens slider's box."""
+    box = page.locator("#max-new-tokens input[type=number]")
+    if not box.is_visible():
+        page.get_by_text("Generation settings").click()
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_reply_streams_into_the_page(open_page):
+    page = open_page()
+    before = stored(page)
+    send(page, "Write a short poem about the sea.")
+    seen: list[str] = []
+    deadline = time.monotonic() + 90
+    while stored(page) == before and time.monotonic() < deadline:
+        text = last_reply(page)
+        if text and (not seen or text != seen[-1]):
+            seen.append(text)
+        time.sleep(0.05)
+    final = last_reply(page)
+    assert len(seen) >= 3, f"expected the reply to grow over several observations, saw {seen!r}"
+    # Rendered Markdown may reflow a little between chunks, so compare lengths and the opening words.
+    assert len(seen[0]) < len(seen[len(seen) // 2]) < len(final), seen
+    assert final.startswith(seen[0].split()[0]), (seen[0], final)
+    assert "Model:" in page.inner_text("#status") and "cpu" in page.inner_text("#status")
+
+
+def test_stop_ends_generation_and_its_thread(open_page):
+    page = open_page()
+    set_max_new_tokens(page, 400)
+    send(page, "Tell me a very long story about a dragon who learns to cook.")
+    wait_for(lambda: len(last_reply(page)) > 20, 90, interval=0.05, what="the reply to start")
+    assert generations_running(), "the model should still be generating when Stop is pressed"
+    page.click("#stop")
+    wait_for(lambda: not generations_running(), 5, what="the generation to finish after Stop")
+    time.sleep(1.0)  # the last chunks may still be on their way to the page
+    stopped_at = last_reply(page)
+    time.sleep(2.0)
+    assert last_reply(page) == stopped_at, "the reply kept growing after Stop"
+    assert len(stopped_at.split()) < 300, "Stop came too late to be a real stop"
+    # The app still answers after a Stop.
+    set_max_new_tokens(page, 8)
+    chat(page, "Say hi.")
+    assert len(bot_texts(page)) == 2
+
+
+def test_two_browsers_never_see_each_others_history(open_page):
+    alice, bob = open_page(), open_page()
+    chat(alice, "My name is Alice and my secret word is pineapple.")
+    assert "pineapple" in " ".join(alice.locator(USER).all_inner_texts())
+    assert bob.locator(USER).count() == 0
+    chat(bob, "I am Bob and I like trains.")
+    alice.reload()
+    bob.reload()
+    wait_for(lambda: alice.locator(USER).count() == 1 and bob.locator(USER).count() == 1, 20,
+             what="each browser to restore its own history")
+    assert "pineapple" not in bob.inner_text("#chatbot")
+    assert "trains" not in alice.inner_text("#chatbot")
+
+
+def test_html_in_messages_is_inert(open_page):
+    page = open_page()
+    chat(page, 'Look: <img src=x onerror=alert(1)> and <script>alert(1)</script> <a href="javascript:alert(1)">x</a>')
+    page.wait_for_timeout(500)  # give a broken image time to fire its onerror
+    assert page.dialogs == [], f"HTML from a message ran script: {page.dialogs}"
+    shown = page.locator("#chatbot")
+    assert shown.locator("script").count() == 0
+    assert shown.locator("[onerror]").count() == 0
+    assert shown.locator("a[href^='javascript']").count() == 0
+    assert "Look:" in " ".join(page.locator(USER).all_inner_texts())
+
+
+def test_reload_keeps_the_history(open_page):
+    page = open_page()
+    reply = chat(page, "Remember the number 4711.")
+    page.reload()
+    page.wait_for_selector("#message textarea")
+    wait_for(lambda: page.locator(USER).count() == 1, 20, what="the history to come back after reload")
+    assert "4711" in page.locator(USER).first.inner_text()
+    assert last_reply(page) == reply
+
+
+def test_retry_undo_edit_clear_and_compare_mode(open_page):
+    page = open_page()
+    set_max_new_tokens(page, 8)
+    first = chat(page, "Name a fruit.")
+    assert finish(page, lambda: page.click("#retry")) == first, "greedy retry gives the same reply"
+    assert page.locator(USER).count() == 1
+    finish(page, lambda: page.click("#undo"))
+    assert page.locator(USER).count() == 0 and page.input_value("#message textarea") == "Name a fruit."
+
+    chat(page, "Name a colour.")  # Edit: the chatbot's pencil on a user message, then Submit
+    page.locator("#chatbot button[aria-label='Edit']").first.click()
+    page.locator("#chatbot textarea").first.fill("Name a fruit.")
+    assert finish(page, lambda: page.locator("#chatbot button[aria-label='Submit']").first.click()) == first
+    assert page.locator(USER).all_inner_texts() == ["Name a fruit."]
+    finish(page, lambda: page.click("#clear"))
+    assert page.locator(USER).count() == 0
+
+    page.locator("#adapter input").click()
+    page.get_by_role("option", name="pirate").click()
+    wait_for(lambda: "lora adapter" in page.inner_text("#status"), 30, what="the adapter to load")
+    finish(page, lambda: page.locator("#compare input").check())
+    assert page.locator("#chatbot-base").is_visible()
+    chat(page, "Name a fruit.")
+    base_side = page.locator("#chatbot-base [data-testid='bot']")
+    wait_for(lambda: base_side.count() == 1, 10, what="the base model's reply")
+    assert base_side.inner_text() == first, "the base column answers as the base model"
+    assert last_reply(page) != first, "the adapter column answers with the adapter"
+
+    page.reload()
+    wait_for(lambda: page.locator("#chatbot-base [data-testid='bot']").count() == 1, 20,
+             what="compare mode to come back after reload")
+    finish(page, lambda: page.click("#clear"))
+    assert page.locator(USER).count() == 0 and page.locator("#chatbot-base [data-testid='user']").count() == 0

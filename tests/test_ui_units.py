@@ -1,0 +1,95 @@
+"""Small pieces of the chat app: prompts, history cuts, settings, auth, stop signals."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from ui.chat import Settings
+from ui.config import ChatConfig
+from ui.history import cut_for_edit, cut_for_retry, cut_for_undo, last_user_index, model_messages, plain
+from ui.models import BASE_CHOICE
+from ui.prompts import list_prompts
+from ui.stopping import StopSignals
+
+CHAT = [
+    {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+    {"role": "user", "content": "how are you?"}, {"role": "assistant", "content": "fine"},
+]
+
+
+def test_prompts_folder_has_the_required_prompts(tmp_path):
+    prompts = list_prompts()
+    assert {"general", "customer_support"} <= set(prompts)
+    assert "never invent" in prompts["customer_support"].lower()
+    (tmp_path / "b.txt").write_text(" second \n")
+    (tmp_path / "a.txt").write_text("first")
+    (tmp_path / "empty.txt").write_text("  ")
+    (tmp_path / "notes.md").write_text("not a prompt")
+    assert list_prompts(tmp_path) == {"a": "first", "b": "second"}
+
+
+def test_plain_flattens_gradio_message_parts():
+    gradio_value = [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}], "metadata": None},
+        {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": [{"type": "file", "file": {"path": "x.png"}}]},
+    ]
+    assert plain(gradio_value) == [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "a\nb"},
+        {"role": "assistant", "content": ""},
+    ]
+    assert plain(None) == [] and plain(CHAT) == CHAT
+
+
+def test_model_messages_put_the_system_prompt_first():
+    assert model_messages("  ", CHAT) == CHAT
+    messages = model_messages("Be brief.", [{"role": "system", "content": "old"}, *CHAT])
+    assert messages[0] == {"role": "system", "content": "Be brief."} and messages[1:] == CHAT
+
+
+def test_retry_undo_edit_cuts():
+    assert last_user_index(CHAT) == 2 and last_user_index([]) is None
+    assert cut_for_retry(CHAT, 2) == CHAT[:3]
+    assert cut_for_undo(CHAT, 2) == CHAT[:2]
+    assert cut_for_edit(CHAT, 0, "hey") == [{"role": "user", "content": "hey"}]
+
+
+def test_settings_from_the_panel():
+    settings = Settings.of("pirate", True, "sys", 0.0, 0.9, 40, 1.1, 64.0, -1)
+    assert settings.compare and settings.params.seed is None and settings.params.max_new_tokens == 64
+    assert settings.params.generate_kwargs()["do_sample"] is False
+    assert Settings.of(BASE_CHOICE, True, "", 0.7, 0.9, 40, 1.1, 64, 7).compare is False
+    assert Settings.of(BASE_CHOICE, False, "", 0.7, 0.9, 40, 1.1, 64, 7).params.seed == 7
+
+
+def test_auth_from_flag_or_environment(monkeypatch):
+    monkeypatch.delenv("ASSISTANT_AUTH", raising=False)
+    assert ChatConfig().credentials() is None
+    assert ChatConfig(auth="ann:s3cret:x").credentials() == ("ann", "s3cret:x")
+    monkeypatch.setenv("ASSISTANT_AUTH", "bob:pw")
+    assert ChatConfig().credentials() == ("bob", "pw")
+    with pytest.raises(ValueError):
+        ChatConfig(auth="nopassword").credentials()
+
+
+def test_stop_signals_reach_only_their_session():
+    signals = StopSignals()
+    with signals.request("alice") as alice, signals.request("bob") as bob:
+        first = alice.next_event()
+        assert signals.stop("alice") == 1
+        assert first.is_set() and alice.next_event().is_set(), "a stopped request starts nothing new"
+        assert not bob.next_event().is_set()
+    assert signals.stop("alice") == 0, "finished requests are forgotten"
+
+
+def test_stopper_hands_out_fresh_events_until_stopped():
+    signals = StopSignals()
+    with signals.request(None) as stopper:
+        first = stopper.next_event()
+        first.set()  # stream_reply sets its event when a reply ends normally
+        assert not stopper.next_event().is_set()
+        done = threading.Event()
+        threading.Thread(target=lambda: (signals.stop(None), done.set())).start()
+        assert done.wait(5) and stopper.stopped.is_set()

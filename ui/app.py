@@ -1,0 +1,154 @@
+"""The chat web app: streaming chat with Stop/Retry/Undo/Edit/Clear, prompts, adapters and compare mode.
+
+Layout and wiring live here; the event functions are in ui.handlers, the turn logic in ui.chat and
+the per-browser Stop in ui.stopping.
+Histories are plain [{"role", "content"}] lists, kept in the browser's localStorage (gr.BrowserState)
+so a reload keeps them and two browsers never share one.
+
+The one public API endpoint, /chat, streams the growing reply text:
+
+    from gradio_client import Client
+    job = Client("http://127.0.0.1:7860/").submit("Hello!", api_name="/chat")
+    for text in job:  # "Hi", "Hi there", ...; optional: history=[{"role", "content"}...],
+        print(text)   # system_prompt="...", adapter="<menu name>", max_new_tokens=256, temperature=0.0
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import gradio as gr
+
+from assistant.generation import GenerationParams
+from ui.config import ChatConfig
+from ui.handlers import EMPTY_STORE, Handlers, pick_prompt, save, status_text, toggle_compare
+from ui.models import ModelRegistry, adapter_choices
+from ui.prompts import DEFAULT_PROMPT, list_prompts
+from ui.stopping import StopSignals
+
+logger = logging.getLogger(__name__)
+
+CUSTOM_PROMPT = "custom"
+STORAGE_KEY = "chat-assistant-history"
+
+
+def build_app(
+    config: ChatConfig,
+    *,
+    defaults: GenerationParams | None = None,
+    gpu: Callable[[Callable], Callable] | None = None,
+    registry: ModelRegistry | None = None,
+) -> gr.Blocks:
+    """The Gradio app for `config`; `defaults` set the sliders, `gpu` wraps generating functions (Spaces)."""
+    registry = registry or ModelRegistry(
+        adapter_choices(config.adapters_dir, config.adapter), config.base_model, config.precision
+    )
+    handlers = Handlers(registry, StopSignals(), gpu or (lambda fn: fn))
+    with gr.Blocks(title="Chat assistant") as demo:
+        ui = _layout(registry, defaults or GenerationParams())
+        _wire(demo, ui, handlers)
+        gr.api(handlers.api_chat, api_name="chat", api_description=Handlers.api_chat.__doc__)
+    # A few requests run at once (the runtime serialises or batches them per model); the others wait
+    # in the queue, which shows them their position, and beyond max_size are turned away.
+    demo.queue(max_size=config.max_queue, default_concurrency_limit=4)
+    demo.registry = registry  # the caller may warm a model or inspect what is loaded
+    return demo
+
+
+class _Widgets:
+    """The app's components, handed from the layout to the wiring."""
+
+    def __init__(self, **widgets):
+        self.__dict__.update(widgets)
+
+    def settings(self) -> list:
+        """Inputs every generating event reads, in Settings.of order."""
+        return [self.choice, self.compare, self.system, self.temperature, self.top_p, self.top_k,
+                self.repetition_penalty, self.max_new_tokens, self.seed]
+
+
+def _layout(registry: ModelRegistry, defaults: GenerationParams) -> _Widgets:
+    prompts = list_prompts()
+    first_prompt = DEFAULT_PROMPT if DEFAULT_PROMPT in prompts else next(iter(prompts), CUSTOM_PROMPT)
+    w: dict = {}
+    gr.Markdown("## Chat assistant")
+    w["status"] = gr.Markdown(status_text(registry, registry.default_choice()), elem_id="status")
+    with gr.Row():
+        with gr.Column(scale=3):
+            with gr.Row(equal_height=True):
+                w["chatbot"] = _chatbot("Assistant", "chatbot", visible=True, editable="user")
+                w["base"] = _chatbot("Base model (adapter off)", "chatbot-base", visible=False, editable=None)
+            with gr.Row():
+                w["message"] = gr.Textbox(placeholder="Message (Enter to send)", show_label=False, lines=1,
+                                          max_lines=8, scale=6, elem_id="message", autofocus=True)
+                w["send_btn"] = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                w["stop_btn"] = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
+            with gr.Row():
+                w["retry_btn"] = gr.Button("Retry", size="sm", elem_id="retry")
+                w["undo_btn"] = gr.Button("Undo", size="sm", elem_id="undo")
+                w["clear_btn"] = gr.Button("Clear", size="sm", elem_id="clear")
+        with gr.Column(scale=1):
+            w["choice"] = gr.Dropdown(registry.choices, value=registry.default_choice(), label="Adapter",
+                                      elem_id="adapter")
+            w["compare"] = gr.Checkbox(False, label="Compare with the base model (side by side)",
+                                       elem_id="compare")
+            w["prompt"] = gr.Dropdown([*prompts, CUSTOM_PROMPT], value=first_prompt, label="System prompt",
+                                      elem_id="prompt")
+            w["system"] = gr.Textbox(prompts.get(first_prompt, ""), lines=4, max_lines=12,
+                                     label="System prompt text", elem_id="system")
+            _sliders(w, defaults)
+    w["prompts"] = gr.State(prompts)
+    # A fixed key keeps the history across restarts too when $ASSISTANT_BROWSER_SECRET pins the secret.
+    w["saved"] = gr.BrowserState(EMPTY_STORE, storage_key=STORAGE_KEY,
+                                 secret=os.environ.get("ASSISTANT_BROWSER_SECRET"))
+    return _Widgets(**w)
+
+
+def _chatbot(label: str, elem_id: str, *, visible: bool, editable: str | None) -> gr.Chatbot:
+    # sanitize_html + allow_tags=False: whatever HTML a user (or the model) writes is shown inert.
+    return gr.Chatbot(label=label, elem_id=elem_id, visible=visible, height=480, editable=editable,
+                      sanitize_html=True, allow_tags=False, render_markdown=True, buttons=["copy", "copy_all"],
+                      feedback_options=None)
+
+
+def _sliders(w: dict, d: GenerationParams) -> None:
+    with gr.Accordion("Generation settings", open=False):
+        w["temperature"] = gr.Slider(0.0, 2.0, d.temperature, step=0.05, label="Temperature (0: greedy)")
+        w["top_p"] = gr.Slider(0.05, 1.0, d.top_p, step=0.05, label="Top-p")
+        w["top_k"] = gr.Slider(0, 200, d.top_k, step=1, label="Top-k (0: off)")
+        w["repetition_penalty"] = gr.Slider(1.0, 2.0, d.repetition_penalty, step=0.05, label="Repetition penalty")
+        w["max_new_tokens"] = gr.Slider(1, 2048, d.max_new_tokens, step=1, label="Max new tokens",
+                                        elem_id="max-new-tokens")
+        w["seed"] = gr.Number(-1 if d.seed is None else d.seed, precision=0, label="Seed (-1: random)")
+
+
+def _wire(demo: gr.Blocks, w: _Widgets, h: Handlers) -> None:
+    private = {"api_visibility": "private"}
+    histories = [w.chatbot, w.base]
+    streamed = [*histories, w.status]
+    persist = {"fn": save, "inputs": histories, "outputs": [w.saved], "queue": False, **private}
+
+    generating = [
+        w.send_btn.click(h.send, [w.message, *histories, *w.settings()], [w.message, *streamed], **private),
+        w.message.submit(h.send, [w.message, *histories, *w.settings()], [w.message, *streamed], **private),
+        w.chatbot.retry(h.retry, [*histories, *w.settings()], streamed, **private),
+        w.retry_btn.click(h.retry_last, [*histories, *w.settings()], streamed, **private),
+        w.chatbot.edit(h.edit, [*histories, *w.settings()], streamed, **private),
+    ]
+    for event in generating:
+        event.then(**persist)
+    # Stop sets this session's cancel events (the model halts within a token) and drops queued work.
+    w.stop_btn.click(h.stop, None, None, cancels=generating, queue=False, **private).then(**persist)
+
+    w.chatbot.undo(h.undo, histories, [w.message, *histories], **private).then(**persist)
+    w.undo_btn.click(h.undo_last, histories, [w.message, *histories], **private).then(**persist)
+    for clear in (w.chatbot.clear, w.clear_btn.click):
+        clear(lambda: ([], []), None, histories, queue=False, **private).then(**persist)
+
+    w.choice.change(h.select_model, w.choice, w.status, show_progress="minimal", **private)
+    w.compare.input(toggle_compare, [w.compare, w.choice, w.chatbot], w.base, queue=False, **private).then(**persist)
+    w.prompt.input(pick_prompt, [w.prompt, w.prompts, w.system], w.system, queue=False, **private)
+    w.system.input(lambda: CUSTOM_PROMPT, None, w.prompt, queue=False, **private)
+    demo.load(h.restore, [w.saved, w.choice], [w.chatbot, w.base, w.compare, w.status], queue=False, **private)

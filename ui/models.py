@@ -1,0 +1,83 @@
+"""The adapter menu: "base model" plus every adapter folder, each loaded on first use and then cached."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from assistant.embedded import EMBEDDED
+from assistant.loading import ChatModel, load_chat_model
+from assistant.models import pick_precision
+
+logger = logging.getLogger(__name__)
+
+BASE_CHOICE = "base model"
+
+
+def find_adapters(folder: str | Path) -> dict[str, Path]:
+    """Subfolders of `folder` holding an adapter (adapter_config.json), by folder name."""
+    root = Path(folder)
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / "adapter_config.json").is_file()}
+
+
+def adapter_choices(adapters_dir: str | Path, extra: list[str] | None = None) -> dict[str, Path]:
+    """Menu label -> adapter folder: those found in `adapters_dir`, then the `--adapter` ones."""
+    choices = find_adapters(adapters_dir)
+    for given in extra or []:
+        path = Path(given)
+        if not (path / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{given}: not an adapter folder (no adapter_config.json)")
+        if any(path.resolve() == known.resolve() for known in choices.values()):
+            continue
+        # Two folders with the same name (run1/final, run2/final) keep their full path as label.
+        label = path.name if path.name not in choices and path.name != BASE_CHOICE else str(path)
+        choices[label] = path
+    return choices
+
+
+class ModelRegistry:
+    """Loads each menu choice once, on first use, and keeps it for later requests."""
+
+    def __init__(
+        self, adapters: dict[str, Path], base_model: str | None = None, precision: str = "auto",
+        default: str | None = None,
+    ):
+        self.adapters = adapters
+        self.base_model = base_model
+        self.precision = precision
+        self.default = default
+        self._models: dict[str, ChatModel] = {}
+        self._lock = threading.Lock()  # two first requests must not load the same model twice
+
+    @property
+    def choices(self) -> list[str]:
+        """Menu entries: the base model first, then the adapters."""
+        return [BASE_CHOICE, *self.adapters]
+
+    def default_choice(self) -> str:
+        """The given default, else the first adapter (what the user trained), else the base model."""
+        return self.default or next(iter(self.adapters), BASE_CHOICE)
+
+    def get(self, choice: str | None) -> ChatModel:
+        """The loaded ChatModel for a menu choice (loading it now if needed)."""
+        choice = choice or self.default_choice()
+        if choice != BASE_CHOICE and choice not in self.adapters:
+            raise KeyError(f"unknown adapter {choice!r}; choose one of {', '.join(self.choices)}")
+        with self._lock:
+            if choice not in self._models:
+                adapter = self.adapters.get(choice)
+                base = self.base_model if adapter else (self.base_model or EMBEDDED)
+                logger.info("loading %s", choice)
+                self._models[choice] = load_chat_model(base, adapter, self.precision)
+            return self._models[choice]
+
+    def describe(self, choice: str | None) -> str:
+        """Status line: what serves this choice, with device and precision."""
+        choice = choice or self.default_choice()
+        chat = self._models.get(choice)
+        if chat is not None:
+            return chat.describe()
+        return f"{choice}: loads on first use ({pick_precision(self.precision).describe()})"
