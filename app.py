@@ -15,7 +15,8 @@ import logging
 import os
 from pathlib import Path
 
-from ui.app import build_app
+from assistant.logs import configure
+from ui.app import build_app, mount_openai_api
 from ui.config import ChatConfig
 from ui.space import resolve_adapter, space_base_model
 
@@ -56,8 +57,11 @@ config = config_from_env()
 demo = build_app(config, gpu=GPU)
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure(logging.INFO)
     if not ZERO_GPU:
         # Without ZeroGPU, load now rather than on the first message (a Hub download on a fresh Space).
         demo.registry.get(demo.registry.default_choice())
-    demo.launch(server_name=config.host, server_port=config.port, auth=config.credentials())
+    demo.launch(server_name=config.host, server_port=config.port, auth=config.credentials(),
+                prevent_thread_lock=True)
+    mount_openai_api(demo, config)
+    demo.block_thread()

@@ -21,6 +21,7 @@ from transformers.generation.streamers import BaseStreamer
 
 logger = logging.getLogger(__name__)
 
+MAX_BATCH = 8  # rows per batched generate call
 END = None  # pushed to a request's queue when its reply is complete
 
 
@@ -80,7 +81,7 @@ class _RowStreamer(BaseStreamer):
 class BatchEngine:
     """The single generation thread of one ChatModel."""
 
-    def __init__(self, chat, max_batch: int = 8, gather_s: float = 0.03):
+    def __init__(self, chat, max_batch: int = MAX_BATCH, gather_s: float = 0.03):
         self.chat, self.max_batch, self.gather_s = chat, max_batch, gather_s
         self.waiting: list[Request] = []
         self.running: list[Request] = []  # rows of the generate call in progress, if any

@@ -85,7 +85,7 @@ def app_server(lora_adapter) -> Server:
     """The real app on a free localhost port: the embedded model (chosen) plus the test adapter in the
     menu, short greedy replies."""
     from assistant.generation import GenerationParams
-    from ui.app import build_app
+    from ui.app import build_app, mount_openai_api
     from ui.config import ChatConfig
     from ui.models import BASE_CHOICE, ModelRegistry, adapter_choices
 
@@ -95,6 +95,7 @@ def app_server(lora_adapter) -> Server:
     demo.registry.get(demo.registry.default_choice())  # load now, not inside the first test's timing
     port = free_port()
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    mount_openai_api(demo, config)  # the OpenAI-compatible API, served by the same server
     yield Server(url.rstrip("/") + "/", demo, demo.registry)
     demo.close()
 

@@ -7,6 +7,7 @@ import sys
 
 from transformers import HfArgumentParser
 
+from assistant.logs import configure
 from ui.config import ChatConfig
 
 logger = logging.getLogger(__name__)
@@ -21,10 +22,12 @@ def parse_config(argv: list[str] | None = None) -> ChatConfig:
 
 def main(argv: list[str] | None = None) -> None:
     """Build the app, load the default model, serve it and print its URL."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own startup probes are noise here
+    configure(logging.INFO)
     config = parse_config(argv)
-    from ui.app import build_app  # after parsing, so --help answers without importing gradio and torch
+    from ui.app import (  # after parsing, so --help answers without importing gradio and torch
+        build_app,
+        mount_openai_api,
+    )
 
     try:
         auth = config.credentials()
@@ -41,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         server_name=config.host, server_port=config.port, auth=auth, share=config.share,
         prevent_thread_lock=True, quiet=True,
     )
+    mount_openai_api(demo, config)
     print(f"Chat app running on {local_url}" + (f" (public: {share_url})" if share_url else ""), flush=True)
     demo.block_thread()
 

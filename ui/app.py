@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import gradio as gr
 
+from assistant.batching import MAX_BATCH
 from assistant.generation import GenerationParams
 from ui.config import ChatConfig
 from ui.handlers import EMPTY_STORE, Handlers, pick_prompt, save, status_text, toggle_compare
@@ -42,19 +43,34 @@ def build_app(
     registry: ModelRegistry | None = None,
 ) -> gr.Blocks:
     """The Gradio app for `config`; `defaults` set the sliders, `gpu` wraps generating functions (Spaces)."""
-    registry = registry or ModelRegistry(
-        adapter_choices(config.adapters_dir, config.adapter), config.base_model, config.precision
-    )
+    registry = registry or make_registry(config)
     handlers = Handlers(registry, StopSignals(), gpu or (lambda fn: fn))
     with gr.Blocks(title="Chat assistant") as demo:
         ui = _layout(registry, defaults or GenerationParams())
         _wire(demo, ui, handlers)
         gr.api(handlers.api_chat, api_name="chat", api_description=Handlers.api_chat.__doc__)
-    # A few requests run at once (the runtime serialises or batches them per model); the others wait
-    # in the queue, which shows them their position, and beyond max_size are turned away.
-    demo.queue(max_size=config.max_queue, default_concurrency_limit=4)
+    # Up to a batch of requests run at once (the runtime generates requests that arrive together in one
+    # batch); the others wait in the queue, which shows their position, and beyond max_size are turned away.
+    demo.queue(max_size=config.max_queue, default_concurrency_limit=MAX_BATCH)
     demo.registry = registry  # the caller may warm a model or inspect what is loaded
     return demo
+
+
+def make_registry(config: ChatConfig):
+    """In-process models, or the models of the remote server given by --backend-url."""
+    if config.backend_url:
+        from ui.remote import RemoteRegistry
+
+        return RemoteRegistry(config.backend_url, config.backend_key)
+    return ModelRegistry(adapter_choices(config.adapters_dir, config.adapter), config.base_model, config.precision)
+
+
+def mount_openai_api(demo: gr.Blocks, config: ChatConfig) -> None:
+    """Serve /v1/chat/completions and /v1/models from the running app (in-process models only)."""
+    from ui.openai_api import OpenAIServer
+
+    if isinstance(demo.registry, ModelRegistry):  # type: ignore[attr-defined]
+        demo.app.include_router(OpenAIServer(demo.registry, config.openai_key(), config.host).router)
 
 
 class _Widgets:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from assistant.generation import GenerationParams, stream_reply
+from assistant.generation import GenerationParams
 from ui.history import Message, model_messages
 from ui.models import BASE_CHOICE, ModelRegistry
 from ui.stopping import Stopper
@@ -50,10 +50,10 @@ def stream_answer(
     *, use_adapter: bool = True, on_trim: Callable[[int], None] | None = trim_notice,
 ) -> Iterator[str]:
     """Growing reply to a history that ends with a user message."""
-    chat = _load(registry, settings.choice)
+    _load(registry, settings.choice)
     try:
-        yield from stream_reply(
-            chat, model_messages(settings.system, history), settings.params,
+        yield from registry.stream(
+            settings.choice, model_messages(settings.system, history), settings.params,
             cancel=stopper.next_event(), use_adapter=use_adapter, on_trim=on_trim,
         )
     except ValueError as error:  # e.g. a single message longer than the context window

@@ -34,7 +34,22 @@ class ChatConfig:
         metadata={"help": "Require a login, given as user:pass; unset, $ASSISTANT_AUTH if set, else no login."},
     )
     share: bool = field(default=False, metadata={"help": "Also open a temporary public gradio.live link."})
+    api_key: str | None = field(
+        default=None,
+        metadata={"help": "Bearer key the OpenAI-compatible API (/v1) requires; unset, $ASSISTANT_API_KEY if "
+                          "set, else the API answers only when the app is bound to localhost."},
+    )
+    backend_url: str | None = field(
+        default=None,
+        metadata={"help": "Front a remote OpenAI-compatible server (e.g. vLLM: http://host:8000/v1) instead of "
+                          "loading a model in-process."},
+    )
+    backend_key: str | None = field(default=None, metadata={"help": "API key for --backend-url."})
     max_queue: int = field(default=32, metadata={"help": "Requests that may wait in the queue before refusal."})
+
+    def openai_key(self) -> str | None:
+        """The API key from --api-key or $ASSISTANT_API_KEY."""
+        return self.api_key or os.environ.get("ASSISTANT_API_KEY") or None
 
     def credentials(self) -> tuple[str, str] | None:
         """(user, password) from --auth or $ASSISTANT_AUTH, or None when the app is open."""

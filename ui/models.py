@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from assistant.embedded import EMBEDDED
+from assistant.generation import GenerationParams, stream_reply
 from assistant.loading import ChatModel, load_chat_model
 from assistant.models import pick_precision
 
@@ -73,6 +75,13 @@ class ModelRegistry:
                 logger.info("loading %s", choice)
                 self._models[choice] = load_chat_model(base, adapter, self.precision)
             return self._models[choice]
+
+    def stream(self, choice: str | None, messages: list[dict[str, str]], params: GenerationParams, *,
+               cancel: threading.Event, use_adapter: bool = True,
+               on_trim: Callable[[int], None] | None = None) -> Iterator[str]:
+        """Growing reply of a menu choice (the in-process runtime, batched with concurrent requests)."""
+        return stream_reply(self.get(choice), messages, params, cancel=cancel, use_adapter=use_adapter,
+                            on_trim=on_trim)
 
     def describe(self, choice: str | None) -> str:
         """Status line: what serves this choice, with device and precision."""

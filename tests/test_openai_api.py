@@ -1,0 +1,160 @@
+"""The OpenAI-compatible API served by the app itself, driven by the real `openai` SDK."""
+
+import threading
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI
+
+from tests.conftest import free_port, generations_running, wait_for
+
+pytestmark = pytest.mark.slow
+
+HELLO = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+def client(app_server) -> OpenAI:
+    return OpenAI(base_url=app_server.url + "v1", api_key="unused-on-localhost", max_retries=0)
+
+
+def test_models_lists_base_and_adapters(client):
+    assert {m.id for m in client.models.list().data} == {"base", "pirate"}
+
+
+def test_streamed_reply_arrives_in_several_chunks(client):
+    stream = client.chat.completions.create(
+        model="base", messages=HELLO, stream=True, max_tokens=24, temperature=0
+    )
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert len(pieces) >= 3 and "".join(pieces).strip()
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in {"stop", "length"}
+    assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
+
+
+def test_non_streamed_reply_matches_the_schema(client):
+    reply = client.chat.completions.create(
+        model="pirate", messages=HELLO, max_tokens=12, temperature=0, seed=1
+    )
+    assert reply.object == "chat.completion" and reply.model == "pirate" and reply.id.startswith("chatcmpl-")
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in {"stop", "length"}
+    usage = reply.usage
+    assert usage.prompt_tokens > 0 and 0 < usage.completion_tokens <= 12
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_stop_sequences_cut_the_reply(client):
+    full = client.chat.completions.create(model="base", messages=HELLO, max_tokens=24, temperature=0)
+    text = full.choices[0].message.content
+    stop = text.split()[2]
+    cut = client.chat.completions.create(
+        model="base", messages=HELLO, max_tokens=24, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].message.content == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_two_concurrent_streams_both_finish(client):
+    results: dict[int, str] = {}
+
+    def run(i: int) -> None:
+        stream = client.chat.completions.create(
+            model="base",
+            stream=True,
+            max_tokens=20,
+            temperature=0,
+            messages=[{"role": "user", "content": f"Count from {i} to {i + 5}."}],
+        )
+        results[i] = "".join(c.choices[0].delta.content or "" for c in stream)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (1, 10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert set(results) == {1, 10} and all(text.strip() for text in results.values())
+
+
+def test_errors_use_openai_error_objects(client, app_server):
+    with pytest.raises(NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-9", messages=HELLO)
+    assert missing.value.status_code == 404 and missing.value.code == "model_not_found"
+    long = [{"role": "user", "content": "word " * 9000}]
+    with pytest.raises(BadRequestError) as too_long:
+        client.chat.completions.create(model="base", messages=long, max_tokens=16)
+    assert too_long.value.code == "context_length_exceeded"
+    bad = httpx.post(app_server.url + "v1/chat/completions", content=b"{not json", timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_client_that_disconnects_stops_its_generation(client):
+    stream = client.chat.completions.create(
+        model="base",
+        messages=[{"role": "user", "content": "Tell a long story."}],
+        stream=True,
+        max_tokens=400,
+        temperature=0,
+    )
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    wait_for(lambda: generations_running() == 0, timeout=30, what="the server to stop generating")
+
+
+def test_wrong_key_gets_401_and_the_right_one_works(app_server):
+    from ui.app import build_app, mount_openai_api
+    from ui.config import ChatConfig
+
+    config = ChatConfig(api_key="s3cret")
+    demo = build_app(config, registry=app_server.registry)
+    _, url, _ = demo.launch(
+        server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True
+    )
+    mount_openai_api(demo, config)
+    try:
+        with pytest.raises(AuthenticationError) as denied:
+            OpenAI(base_url=url + "v1", api_key="wrong", max_retries=0).models.list()
+        assert denied.value.status_code == 401
+        models = OpenAI(base_url=url + "v1", api_key="s3cret", max_retries=0).models.list()
+        assert "base" in {m.id for m in models.data}
+    finally:
+        demo.close()
+
+
+def test_without_a_key_the_api_refuses_beyond_localhost(app_server):
+    from ui.openai_api import OpenAIServer
+
+    api = FastAPI()
+    api.include_router(OpenAIServer(app_server.registry, api_key=None, bind_host="0.0.0.0").router)
+    response = TestClient(api).get("/v1/models")
+    assert response.status_code == 403 and "--api-key" in response.json()["error"]["message"]
+
+
+def test_the_ui_streams_through_a_remote_openai_backend(app_server):
+    """`python -m ui --backend-url`: a second app fronting this project's own API."""
+    from gradio_client import Client
+
+    from ui.app import build_app
+    from ui.config import ChatConfig
+    from ui.remote import RemoteRegistry
+
+    front = build_app(ChatConfig(backend_url=app_server.url + "v1"))
+    assert isinstance(front.registry, RemoteRegistry) and front.registry.choices == ["base model", "pirate"]
+    _, url, _ = front.launch(
+        server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True
+    )
+    try:
+        job = Client(url, verbose=False).submit(
+            "Name three colours.", api_name="/chat", max_new_tokens=24, adapter="base model"
+        )
+        chunks = list(job)
+        assert len(chunks) >= 3 and chunks[-1].startswith(chunks[1]) and len(chunks[-1]) > len(chunks[0])
+    finally:
+        front.close()
