@@ -232,3 +232,42 @@ def test_dataset_doctor_reports_and_marks_trained_tokens():
         text=True,
     )
     assert bad.returncode == 1 and "empty_file.jsonl" in bad.stderr
+
+
+def test_bitsandbytes_options_fail_clearly_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    done = sft(str(DATA / "valid_pairs.jsonl"), "--load-in-8bit", "--output-dir", str(tmp_path / "never"))
+    assert done.returncode == 2 and "--load-in-8bit" in done.stderr and "CUDA" in done.stderr
+
+
+def test_accelerate_launch_runs_the_same_script(tmp_path):
+    """What multi-GPU users run (`accelerate launch -m train.sft ...`), single-process on this CPU."""
+    out = tmp_path / "accelerated"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "train.sft",
+        str(DATA / "valid_pairs.jsonl"),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        *FAST,
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "training_report.json").read_text())["steps"] == 2

@@ -17,8 +17,8 @@ from train.records import DataError, Example, load_examples
 logger = logging.getLogger(__name__)
 
 
-class DataProblem(ValueError):
-    """Input that cannot be trained on; raised before any model weight is loaded."""
+class InputError(ValueError):
+    """Data or options that cannot be trained on; raised before any model weight is loaded."""
 
 
 @dataclass
@@ -33,12 +33,12 @@ class PreparedData:
 
 
 def prepare_data(config) -> PreparedData:
-    """Load, validate, split and encode the data, or raise DataProblem naming file, line and field."""
+    """Load, validate, split and encode the data, or raise InputError naming file, line and field."""
     try:
         loaded = load_examples(config.data)
         valid_loaded = load_examples(config.valid_file) if config.valid_file else None
     except DataError as error:
-        raise DataProblem(str(error)) from error
+        raise InputError(str(error)) from error
     warnings = loaded.warnings + (valid_loaded.warnings if valid_loaded else [])
     if valid_loaded:
         train_rows, valid_rows = loaded.examples, valid_loaded.examples
@@ -50,9 +50,9 @@ def prepare_data(config) -> PreparedData:
             encode_examples(tokenizer, rows, config.max_length) for rows in (train_rows, valid_rows)
         )
     except TemplateError as error:
-        raise DataProblem(f"{config.base_model}: {error}") from error
+        raise InputError(f"{config.base_model}: {error}") from error
     if not train.items:
-        raise DataProblem(
+        raise InputError(
             f"{config.data}: no example has an assistant reply within --max-length {config.max_length}"
         )
     return PreparedData(tokenizer, train, valid, valid_rows or train_rows, warnings)
@@ -71,7 +71,7 @@ def checkpoint_to_resume(config) -> str | None:
     )
     if config.resume:
         if not complete:
-            raise DataProblem(f"{folder}: no complete checkpoint to resume from; run without --resume")
+            raise InputError(f"{folder}: no complete checkpoint to resume from; run without --resume")
         # A checkpoint is complete once trainer_state.json is written (last); drop later partial ones.
         for partial in folder.glob("checkpoint-*"):
             if partial not in complete and int(partial.name.split("-")[-1]) > int(
@@ -82,11 +82,21 @@ def checkpoint_to_resume(config) -> str | None:
         return str(complete[-1])
     if folder.is_dir() and any(folder.iterdir()):
         if not config.overwrite:
-            raise DataProblem(
+            raise InputError(
                 f"{folder}: checkpoints of an earlier run exist; pass --resume to continue it or --overwrite to start over"
             )
         shutil.rmtree(folder)
     return None
+
+
+def training_precision(config):
+    """The precision to train in; bitsandbytes options are refused where they cannot run."""
+    requested = "8bit" if config.load_in_8bit else "4bit" if config.load_in_4bit else config.precision
+    try:
+        return pick_precision(requested, for_training=True)
+    except ValueError as error:
+        flag = {"8bit": "--load-in-8bit", "4bit": "--load-in-4bit"}.get(requested, "--precision")
+        raise InputError(f"{flag}: {error}") from error
 
 
 def build_model(config, tokenizer):
@@ -186,6 +196,7 @@ def run(config) -> str:
     from train.verify import verify_adapter
 
     started = time.time()
+    training_precision(config)  # fail on impossible options before reading any data
     data = prepare_data(config)
     tokenizer, train, valid = data.tokenizer, data.train, data.valid
     logger.info(

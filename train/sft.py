@@ -127,13 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     configure(logging.INFO)
     config = parse_config(sys.argv[1:] if argv is None else argv)
-    from train.pipeline import DataProblem, run
+    from train.pipeline import InputError, run
 
     try:
         # Libraries print progress and logs to stdout; stdout carries only the one result line.
         with contextlib.redirect_stdout(sys.stderr):
             summary = run(config)
-    except DataProblem as problem:
+    except InputError as problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     print(summary)
