@@ -22,6 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 logger = logging.getLogger(__name__)
 
 MAX_BATCH = 8  # rows per batched generate call
+GATHER_ROUNDS = 5  # at most 5 x gather_s of extra latency for the first request of a burst
 END = None  # pushed to a request's queue when its reply is complete
 
 
@@ -100,7 +101,14 @@ class BatchEngine:
         with self.cond:
             while not self.waiting:
                 self.cond.wait()
-        time.sleep(self.gather_s)  # let requests sent together arrive together
+        # Let requests sent together arrive together: wait while a burst is still arriving (bounded).
+        seen = 0
+        for _ in range(GATHER_ROUNDS):
+            time.sleep(self.gather_s)
+            with self.cond:
+                if len(self.waiting) == seen or len(self.waiting) >= self.max_batch:
+                    break
+                seen = len(self.waiting)
         with self.cond:
             key = self.waiting[0].key
             batch = [r for r in self.waiting if r.key == key][: self.max_batch]

@@ -42,8 +42,10 @@ def machine_load() -> float:
     load = os.getloadavg()[0]
     cores = os.cpu_count() or 1
     if load > 0.5:
-        log(f"warning: load average {load:.2f} on {cores} cores before starting: other processes compete, "
-            "timings will be low and noisy (llama.cpp's spinning threads suffer most)")
+        log(
+            f"warning: load average {load:.2f} on {cores} cores before starting: other processes compete, "
+            "timings will be low and noisy (llama.cpp's spinning threads suffer most)"
+        )
     return round(load, 2)
 
 
@@ -96,7 +98,12 @@ class ChildRun:
 
 
 def run_measured(
-    cmd: Sequence[str], *, timeout: float, cwd: Path = ROOT, env: dict[str, str] | None = None, echo: bool = True
+    cmd: Sequence[str],
+    *,
+    timeout: float,
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
+    echo: bool = True,
 ) -> ChildRun:
     """Run `cmd`, returning its output, wall time and its own peak RSS (os.wait4 rusage of that child).
 
@@ -106,8 +113,13 @@ def run_measured(
     log("$ " + " ".join(str(c) for c in cmd))
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [str(c) for c in cmd], cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [str(c) for c in cmd],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     out: list[str] = []
     err: list[str] = []
@@ -143,8 +155,12 @@ def run_measured(
     for thread in pumps:
         thread.join(timeout=10)
     return ChildRun(
-        returncode=proc.returncode, stdout="".join(out), stderr="".join(err),
-        wall_s=time.perf_counter() - start, peak_mb=usage.ru_maxrss / 1024, timed_out=timed_out.is_set(),
+        returncode=proc.returncode,
+        stdout="".join(out),
+        stderr="".join(err),
+        wall_s=time.perf_counter() - start,
+        peak_mb=usage.ru_maxrss / 1024,
+        timed_out=timed_out.is_set(),
     )
 
 
@@ -210,8 +226,15 @@ def bar_chart(
     bars = ax.bar(labels, heights, color=["#2b7bba" if i == 0 else "#9aa5b1" for i in range(len(labels))])
     for bar, value in zip(bars, values):
         text = "n/a" if value is None else f"{value:,.1f}"
-        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                    fontsize=9, xytext=(0, 2), textcoords="offset points")
+        ax.annotate(
+            text,
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.margins(y=0.15)

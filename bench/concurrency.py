@@ -56,13 +56,20 @@ class ConcurrencyConfig:
         default_factory=lambda: [1, 4, 8], metadata={"help": "Numbers of simultaneous chats to measure."}
     )
     max_new_tokens: int = field(default=64, metadata={"help": "max_new_tokens of every chat request."})
-    request_timeout: float = field(default=300.0, metadata={"help": "Seconds one request may take before it fails."})
-    startup_timeout: float = field(default=300.0, metadata={"help": "Seconds the app may take to start serving."})
+    request_timeout: float = field(
+        default=300.0, metadata={"help": "Seconds one request may take before it fails."}
+    )
+    startup_timeout: float = field(
+        default=300.0, metadata={"help": "Seconds the app may take to start serving."}
+    )
     url: str | None = field(
-        default=None, metadata={"help": "Benchmark an app already running at this URL instead of starting one."}
+        default=None,
+        metadata={"help": "Benchmark an app already running at this URL instead of starting one."},
     )
     quick: bool = field(default=False, metadata={"help": "CI smoke run: 8 new tokens per request."})
-    output: str = field(default=str(RESULTS / f"{NAME}.json"), metadata={"help": "Where to write the JSON results."})
+    output: str = field(
+        default=str(RESULTS / f"{NAME}.json"), metadata={"help": "Where to write the JSON results."}
+    )
 
     def apply_quick(self) -> None:
         """Shrink everything for --quick."""
@@ -91,12 +98,30 @@ class AppServer:
     def __enter__(self) -> AppServer:
         adapters = Path(self.folder.name) / "adapters"
         adapters.mkdir()
-        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "GRADIO_ANALYTICS_ENABLED": "False",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
         with self.log_path.open("w") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ui", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--adapters-dir", str(adapters)],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "ui",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--adapters-dir",
+                    str(adapters),
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         try:
             self._wait_ready()
@@ -117,7 +142,9 @@ class AppServer:
             except OSError:
                 pass
             time.sleep(1.0)
-        raise TimeoutError(f"the app did not serve {self.url} within {self.startup_timeout:.0f} s:\n{self.log_tail()}")
+        raise TimeoutError(
+            f"the app did not serve {self.url} within {self.startup_timeout:.0f} s:\n{self.log_tail()}"
+        )
 
     def log_tail(self, lines: int = 20) -> str:
         """Last lines of the server's output."""
@@ -145,8 +172,14 @@ class Outcome:
     error: str | None = None
 
 
-def one_chat(client, message: str, config: ConcurrencyConfig, barrier: threading.Barrier, start: list[float],
-             outcome: Outcome) -> None:
+def one_chat(
+    client,
+    message: str,
+    config: ConcurrencyConfig,
+    barrier: threading.Barrier,
+    start: list[float],
+    outcome: Outcome,
+) -> None:
     """Send one chat when every thread is ready; poll its streamed outputs until done or the deadline."""
     barrier.wait()
     t0 = start[0]
@@ -183,8 +216,11 @@ def run_level(url: str, n: int, config: ConcurrencyConfig, count_tokens) -> dict
     start: list[float] = [0.0]
     barrier = threading.Barrier(n + 1)
     threads = [
-        threading.Thread(target=one_chat, args=(clients[i], outcomes[i].message, config, barrier, start, outcomes[i]),
-                         daemon=True)
+        threading.Thread(
+            target=one_chat,
+            args=(clients[i], outcomes[i].message, config, barrier, start, outcomes[i]),
+            daemon=True,
+        )
         for i in range(n)
     ]
     for thread in threads:
@@ -213,15 +249,19 @@ def run_level(url: str, n: int, config: ConcurrencyConfig, count_tokens) -> dict
         "p95_ttft_s": round(percentile(ttfts, 95), 3) if ttfts else None,
         "failures": n - len(ok),
         "errors": [o.error for o in outcomes if o.error],
-        "replies": [{"message": o.message, "tokens": count_tokens(o.reply), "ttft_s": o.ttft_s, "end_s": o.end_s}
-                    for o in outcomes],
+        "replies": [
+            {"message": o.message, "tokens": count_tokens(o.reply), "ttft_s": o.ttft_s, "end_s": o.end_s}
+            for o in outcomes
+        ],
     }
 
 
 def render(levels: dict[int, dict]) -> str:
     """The readable table."""
-    rows = [[n, r["tokens"], r["wall_s"], r["tok_s"], r["p50_ttft_s"], r["p95_ttft_s"], r["failures"]]
-            for n, r in levels.items()]
+    rows = [
+        [n, r["tokens"], r["wall_s"], r["tok_s"], r["p50_ttft_s"], r["p95_ttft_s"], r["failures"]]
+        for n, r in levels.items()
+    ]
     return table(["chats", "tokens", "wall s", "tok/s", "p50 TTFT s", "p95 TTFT s", "failures"], rows)
 
 
@@ -240,7 +280,9 @@ def measure(url: str, config: ConcurrencyConfig) -> dict[int, dict]:
     for n in config.levels:
         log(f"{n} simultaneous chat(s)")
         results[n] = run_level(url, n, config, count_tokens)
-        log(f"  {results[n]['tok_s']} tok/s, p95 TTFT {results[n]['p95_ttft_s']} s, errors {results[n]['errors']}")
+        log(
+            f"  {results[n]['tok_s']} tok/s, p95 TTFT {results[n]['p95_ttft_s']} s, errors {results[n]['errors']}"
+        )
     return results
 
 
@@ -267,12 +309,18 @@ def main(argv: list[str] | None = None) -> int:
         "quick": config.quick,
         "load_avg_1m_start": load,
     }
-    write_results(Path(config.output).stem, {"final": final, "config": vars(config),
-                                             "levels": {str(n): r for n, r in levels.items()}},
-                  Path(config.output).parent)
-    bar_chart(Path(config.output).with_suffix(".png"), [f"{n} chat(s)" for n in levels],
-              [r["tok_s"] for r in levels.values()], title="Aggregate decode tokens/s of the app",
-              ylabel="tokens / s")
+    write_results(
+        Path(config.output).stem,
+        {"final": final, "config": vars(config), "levels": {str(n): r for n, r in levels.items()}},
+        Path(config.output).parent,
+    )
+    bar_chart(
+        Path(config.output).with_suffix(".png"),
+        [f"{n} chat(s)" for n in levels],
+        [r["tok_s"] for r in levels.values()],
+        title="Aggregate decode tokens/s of the app",
+        ylabel="tokens / s",
+    )
     print(render(levels))
     print_final(final)
     return 0

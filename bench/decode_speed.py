@@ -47,20 +47,30 @@ class DecodeSpeedConfig:
     max_new_tokens: int = field(default=128, metadata={"help": "Tokens each engine generates (EOS ignored)."})
     repeats: int = field(default=3, metadata={"help": "Timed generations per engine; medians are reported."})
     threads: int = field(default=2, metadata={"help": "CPU threads for torch and llama.cpp."})
-    prompt: str = field(default=PROMPT, metadata={"help": "The user message (rendered with the chat template)."})
+    prompt: str = field(
+        default=PROMPT, metadata={"help": "The user message (rendered with the chat template)."}
+    )
     skip_llamacpp: bool = field(default=False, metadata={"help": "Do not time llama.cpp."})
     build_llamacpp: bool = field(
         default=True,
-        metadata={"help": f"Build llama-cpp-python=={LLAMACPP_VERSION} into bench/.venv-llamacpp when it is "
-                          "missing (minutes: it compiles from source)."},
+        metadata={
+            "help": f"Build llama-cpp-python=={LLAMACPP_VERSION} into bench/.venv-llamacpp when it is "
+            "missing (minutes: it compiles from source)."
+        },
     )
     build_timeout: float = field(default=3600.0, metadata={"help": "Seconds the llama.cpp build may take."})
-    bandwidth_mb: int = field(default=512, metadata={"help": "Size of the tensor copied to measure bandwidth."})
+    bandwidth_mb: int = field(
+        default=512, metadata={"help": "Size of the tensor copied to measure bandwidth."}
+    )
     quick: bool = field(
         default=False,
-        metadata={"help": "CI smoke run: 16 tokens, 1 repeat, never builds llama.cpp (used if already built)."},
+        metadata={
+            "help": "CI smoke run: 16 tokens, 1 repeat, never builds llama.cpp (used if already built)."
+        },
     )
-    output: str = field(default=str(RESULTS / f"{NAME}.json"), metadata={"help": "Where to write the JSON results."})
+    output: str = field(
+        default=str(RESULTS / f"{NAME}.json"), metadata={"help": "Where to write the JSON results."}
+    )
 
     def apply_quick(self) -> None:
         """Shrink everything for --quick."""
@@ -122,8 +132,14 @@ def bench_ours(config: DecodeSpeedConfig) -> dict:
     runs = []
     for _ in range(config.repeats):
         start = time.perf_counter()
-        runs.append(time_stream(stream_reply(chat, msgs, forced_params(config.max_new_tokens)), chat.tokenizer,
-                                config.max_new_tokens, start))
+        runs.append(
+            time_stream(
+                stream_reply(chat, msgs, forced_params(config.max_new_tokens)),
+                chat.tokenizer,
+                config.max_new_tokens,
+                start,
+            )
+        )
     return summarize(runs, precision=chat.precision.name, weight_bytes=weight_bytes(chat.model))
 
 
@@ -142,9 +158,15 @@ def bench_plain(config: DecodeSpeedConfig, prompt_ids: list[int]) -> dict:
 
     def once(count: int) -> dict:
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
-                      max_new_tokens=count, min_new_tokens=count, do_sample=False,
-                      pad_token_id=tokenizer.pad_token_id)
+        kwargs = dict(
+            input_ids=inputs,
+            attention_mask=torch.ones_like(inputs),
+            streamer=streamer,
+            max_new_tokens=count,
+            min_new_tokens=count,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         start = time.perf_counter()
         thread = threading.Thread(target=model.generate, kwargs=kwargs, daemon=True)
         thread.start()
@@ -172,8 +194,10 @@ def summarize(runs: list[dict], **extra) -> dict:
     return {
         "ttft_s": round(median([r["ttft_s"] for r in runs]), 4),
         "decode_tok_s": round(median([r["decode_tok_s"] for r in runs]), 2),
-        "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "text"}
-                 for r in runs],
+        "runs": [
+            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "text"}
+            for r in runs
+        ],
         "reply_start": runs[-1]["text"][:80],
         **extra,
     }
@@ -223,7 +247,9 @@ def ensure_llamacpp(config: DecodeSpeedConfig) -> str | None:
             subprocess.run([sys.executable, "-m", "venv", str(LLAMACPP_VENV)], check=True, timeout=300)
         build = subprocess.run(
             [str(python), "-m", "pip", "install", f"llama-cpp-python=={LLAMACPP_VERSION}"],
-            env={**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON"}, capture_output=True, text=True,
+            env={**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON"},
+            capture_output=True,
+            text=True,
             timeout=config.build_timeout,
         )
     except (OSError, subprocess.SubprocessError) as error:
@@ -253,9 +279,20 @@ def bench_llamacpp(config: DecodeSpeedConfig, prompt_ids: list[int]) -> dict:
         ids_file = Path(tmp) / "prompt_ids.json"
         ids_file.write_text(json.dumps(prompt_ids))
         run = run_measured(
-            [llamacpp_python(), ROOT / "bench" / "llamacpp_worker.py", "--gguf", gguf, "--prompt-ids", ids_file,
-             "--max-new-tokens", str(config.max_new_tokens), "--threads", str(config.threads),
-             "--repeats", str(config.repeats)],
+            [
+                llamacpp_python(),
+                ROOT / "bench" / "llamacpp_worker.py",
+                "--gguf",
+                gguf,
+                "--prompt-ids",
+                ids_file,
+                "--max-new-tokens",
+                str(config.max_new_tokens),
+                "--threads",
+                str(config.threads),
+                "--repeats",
+                str(config.repeats),
+            ],
             timeout=600,
         )
     if run.returncode != 0:
@@ -271,8 +308,14 @@ def bench_llamacpp(config: DecodeSpeedConfig, prompt_ids: list[int]) -> dict:
 def render(engines: dict[str, dict]) -> str:
     """The readable table."""
     rows = [
-        [name, r.get("precision"), r.get("ttft_s"), r.get("decode_tok_s"),
-         None if not r.get("weight_bytes") else round(r["weight_bytes"] / 1e6, 1), r.get("error", "")]
+        [
+            name,
+            r.get("precision"),
+            r.get("ttft_s"),
+            r.get("decode_tok_s"),
+            None if not r.get("weight_bytes") else round(r["weight_bytes"] / 1e6, 1),
+            r.get("error", ""),
+        ]
         for name, r in engines.items()
     ]
     return table(["engine", "weights", "TTFT s", "decode tok/s", "weight MB", "note"], rows)
@@ -316,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         "bandwidth_gb_s": round(bandwidth, 2),
         "weight_mb_ours": round(ours["weight_bytes"] / 1e6, 1),
         "precision_ours": ours["precision"],
-        "bound_tok_s_gguf": round(bandwidth * 1e9 / llama["weight_bytes"], 1) if llama.get("weight_bytes") else None,
+        "bound_tok_s_gguf": round(bandwidth * 1e9 / llama["weight_bytes"], 1)
+        if llama.get("weight_bytes")
+        else None,
         "llamacpp_error": llama.get("error"),
         "max_new_tokens": config.max_new_tokens,
         "prompt_tokens": len(prompt_ids),
@@ -324,15 +369,24 @@ def main(argv: list[str] | None = None) -> int:
         "quick": config.quick,
         "load_avg_1m_start": load,
     }
-    write_results(Path(config.output).stem, {"final": final, "config": vars(config), "engines": engines},
-                  Path(config.output).parent)
+    write_results(
+        Path(config.output).stem,
+        {"final": final, "config": vars(config), "engines": engines},
+        Path(config.output).parent,
+    )
     labels = ["ours", "plain fp32", "llama.cpp", "bound (ours)"]
-    bar_chart(Path(config.output).with_suffix(".png"), labels,
-              [final["decode_tok_s_ours"], final["decode_tok_s_plain"], final["decode_tok_s_llamacpp"], bound],
-              title=f"Decode speed, {config.max_new_tokens} tokens, {config.threads} threads", ylabel="tokens / s")
+    bar_chart(
+        Path(config.output).with_suffix(".png"),
+        labels,
+        [final["decode_tok_s_ours"], final["decode_tok_s_plain"], final["decode_tok_s_llamacpp"], bound],
+        title=f"Decode speed, {config.max_new_tokens} tokens, {config.threads} threads",
+        ylabel="tokens / s",
+    )
     print(render(engines))
-    print(f"copy bandwidth {bandwidth:.1f} GB/s / {ours['weight_bytes'] / 1e6:.0f} MB of {ours['precision']} "
-          f"weights per token = bound {bound:.1f} tok/s; ours vs llama.cpp: {final['ratio_vs_llamacpp']}x")
+    print(
+        f"copy bandwidth {bandwidth:.1f} GB/s / {ours['weight_bytes'] / 1e6:.0f} MB of {ours['precision']} "
+        f"weights per token = bound {bound:.1f} tok/s; ours vs llama.cpp: {final['ratio_vs_llamacpp']}x"
+    )
     print_final(final)
     return 0
 

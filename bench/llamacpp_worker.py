@@ -31,7 +31,9 @@ def generate_once(llm, prompt: list[int], count: int) -> dict:
     stamps: list[float] = []
     tokens: list[int] = []
     # Llama.generate never stops on EOS by itself (create_completion does), so the length is forced.
-    for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+    for token in llm.generate(
+        prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True
+    ):
         stamps.append(time.perf_counter())
         tokens.append(token)
         if len(tokens) >= count:
@@ -53,23 +55,32 @@ def main(argv: list[str] | None = None) -> int:
         prompt = json.load(handle)
     loaded = time.perf_counter()
     llm = llama_cpp.Llama(
-        model_path=args.gguf, n_ctx=max(512, len(prompt) + args.max_new_tokens + 8), n_threads=args.threads,
-        n_threads_batch=args.threads, n_batch=512, verbose=False, seed=0,
+        model_path=args.gguf,
+        n_ctx=max(512, len(prompt) + args.max_new_tokens + 8),
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        n_batch=512,
+        verbose=False,
+        seed=0,
     )
     load_s = time.perf_counter() - loaded
     generate_once(llm, prompt, min(8, args.max_new_tokens))  # warm-up
     runs = [generate_once(llm, prompt, args.max_new_tokens) for _ in range(args.repeats)]
     last = runs[-1]["tokens"]
-    print(json.dumps({
-        "version": llama_cpp.__version__,
-        "load_s": round(load_s, 3),
-        "ttft_s": statistics.median(r["ttft_s"] for r in runs),
-        "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
-        "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in runs],
-        "token_ids": last,
-        "text": llm.detokenize(last).decode("utf-8", errors="replace"),
-        "n_threads": args.threads,
-    }))
+    print(
+        json.dumps(
+            {
+                "version": llama_cpp.__version__,
+                "load_s": round(load_s, 3),
+                "ttft_s": statistics.median(r["ttft_s"] for r in runs),
+                "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
+                "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in runs],
+                "token_ids": last,
+                "text": llm.detokenize(last).decode("utf-8", errors="replace"),
+                "n_threads": args.threads,
+            }
+        )
+    )
     return 0
 
 

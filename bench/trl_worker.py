@@ -20,8 +20,11 @@ class TRLRunConfig:
     output_dir: str = field(metadata={"help": "Where the adapter is saved."})
     mode: str = field(
         default="tuned",
-        metadata={"help": "'default': SFTConfig defaults (bf16, gradient checkpointing); 'tuned': fp32, no "
-                          "checkpointing, padding-free.", "choices": ["default", "tuned"]},
+        metadata={
+            "help": "'default': SFTConfig defaults (bf16, gradient checkpointing); 'tuned': fp32, no "
+            "checkpointing, padding-free.",
+            "choices": ["default", "tuned"],
+        },
     )
     max_steps: int = field(default=25, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=8, metadata={"help": "Examples per step."})
@@ -93,7 +96,8 @@ def train(config: TRLRunConfig) -> dict:
     )
     padding_free = False
     if config.mode == "default":
-        args = SFTConfig(**common)
+        # transformers refuses bf16 without a GPU unless told to run on the CPU: the one change a user must make.
+        args = SFTConfig(**common, use_cpu=True)
     else:
         # TRL enforces max_length only when packing; STAR rows are far shorter, checked below.
         padding_free = config.padding_free
@@ -112,15 +116,21 @@ def train(config: TRLRunConfig) -> dict:
             model_init_kwargs={"dtype": torch.float32},
         )
     peft = LoraConfig(
-        task_type="CAUSAL_LM", r=config.lora_rank, lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout, target_modules="all-linear",
+        task_type="CAUSAL_LM",
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules="all-linear",
     )
-    trainer = CountingSFTTrainer(model=config.model, args=args, train_dataset=Dataset.from_list(rows),
-                                 peft_config=peft)
+    trainer = CountingSFTTrainer(
+        model=config.model, args=args, train_dataset=Dataset.from_list(rows), peft_config=peft
+    )
     if padding_free:
         longest = max(len(ids) for ids in trainer.train_dataset["input_ids"])
         if longest > config.max_length:
-            raise SystemExit(f"a row has {longest} tokens > --max-length {config.max_length}; use --padding-free false")
+            raise SystemExit(
+                f"a row has {longest} tokens > --max-length {config.max_length}; use --padding-free false"
+            )
     output = trainer.train()
     trainer.save_model(config.output_dir)
     seconds = output.metrics["train_runtime"]
@@ -135,6 +145,7 @@ def train(config: TRLRunConfig) -> dict:
         "gradient_checkpointing": bool(args.gradient_checkpointing),
         "padding_free": padding_free,
         "learning_rate": args.learning_rate,
+        "use_cpu": bool(args.use_cpu),
     }
 
 

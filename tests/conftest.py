@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -14,10 +16,19 @@ import pytest
 # No analytics calls from the in-process server (there is no network here anyway).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+ROOT = Path(__file__).parent.parent
+DATA = Path(__file__).parent / "data"
+# Tiny real training runs: small batches, short probe replies.
+FAST = ["--batch-size", "4", "--probes", "2", "--probe-tokens", "12", "--logging-steps", "1"]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
 ]
 
 
@@ -46,6 +57,42 @@ def wait_for(condition, timeout: float = 30.0, interval: float = 0.1, what: str 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def sft(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m train.sft` the way a user does."""
+    cmd = [sys.executable, "-m", "train.sft", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _train(folder: Path, *args: str) -> Path:
+    done = sft(str(DATA / "valid_pairs.jsonl"), "--output-dir", str(folder), *args, *FAST)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == done.stdout.strip().splitlines()[-1], "stdout is the one result line"
+    assert done.stdout.startswith(f"adapter written to {folder}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trained_lora(tmp_path_factory) -> Path:
+    """A LoRA adapter from a real 4-step train.sft run on the embedded model."""
+    return _train(tmp_path_factory.mktemp("runs") / "lora", "--max-steps", "4", "--learning-rate", "1e-3")
+
+
+@pytest.fixture(scope="session")
+def trained_prefix(tmp_path_factory) -> Path:
+    """A prefix-tuning adapter from a real 3-step train.sft run on the embedded model."""
+    return _train(
+        tmp_path_factory.mktemp("runs") / "prefix",
+        "--method",
+        "prefix",
+        "--max-steps",
+        "3",
+        "--virtual-tokens",
+        "8",
+        "--learning-rate",
+        "3e-2",
+    )
 
 
 @dataclass

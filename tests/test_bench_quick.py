@@ -13,11 +13,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 REQUIRED = {
     "train_speed": [
-        "tokens_per_s_ours", "tokens_per_s_trl_tuned", "tokens_per_s_trl_default", "ratio_vs_trl_tuned",
-        "eval_loss_ours", "eval_loss_trl_tuned", "peak_mb_ours", "peak_mb_trl_tuned",
+        "tokens_per_s_ours",
+        "tokens_per_s_trl_tuned",
+        "tokens_per_s_trl_default",
+        "ratio_vs_trl_tuned",
+        "eval_loss_ours",
+        "eval_loss_trl_tuned",
+        "peak_mb_ours",
+        "peak_mb_trl_tuned",
     ],
     "decode_speed": [
-        "decode_tok_s_ours", "decode_tok_s_plain", "decode_tok_s_llamacpp", "ratio_vs_llamacpp", "ttft_s_ours",
+        "decode_tok_s_ours",
+        "decode_tok_s_plain",
+        "decode_tok_s_llamacpp",
+        "ratio_vs_llamacpp",
+        "ttft_s_ours",
         "bound_tok_s",
     ],
     "concurrency": ["tok_s_1", "tok_s_4", "tok_s_8", "ratio_8_vs_1", "p95_ttft_s_8", "failures"],
@@ -31,7 +41,10 @@ def run_quick(name: str, tmp_path: Path, timeout: float) -> tuple[dict, dict, st
     output = tmp_path / f"{name}.json"
     proc = subprocess.run(
         [sys.executable, "-m", f"bench.{name}", "--quick", "--output", str(output)],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -25,8 +25,10 @@ def chat() -> ChatModel:
 def exchanges(n: int) -> list[dict[str, str]]:
     turns = []
     for i in range(n):
-        turns += [{"role": "user", "content": f"Question number {i}: tell me about island {i}."},
-                  {"role": "assistant", "content": f"Island {i} has sandy beaches and tall palm trees. " * 3}]
+        turns += [
+            {"role": "user", "content": f"Question number {i}: tell me about island {i}."},
+            {"role": "assistant", "content": f"Island {i} has sandy beaches and tall palm trees. " * 3},
+        ]
     return turns
 
 
@@ -55,8 +57,12 @@ def test_stream_reply_reports_trimming(chat):
 
     small = SmallWindow(chat.model, chat.tokenizer, chat.base_model, chat.precision)
     trimmed: list[int] = []
-    stream = stream_reply(small, [SYSTEM, *exchanges(4), {"role": "user", "content": "Hi"}],
-                          GenerationParams(max_new_tokens=4, temperature=0.0), on_trim=trimmed.append)
+    stream = stream_reply(
+        small,
+        [SYSTEM, *exchanges(4), {"role": "user", "content": "Hi"}],
+        GenerationParams(max_new_tokens=4, temperature=0.0),
+        on_trim=trimmed.append,
+    )
     text = list(stream)[-1]
     assert trimmed and trimmed[0] >= 2 and text
 
@@ -66,8 +72,12 @@ def test_stop_ends_generation_within_a_token(chat):
     hook = chat.model.register_forward_hook(lambda *_: steps.append(1))  # one forward pass per new token
     cancel = threading.Event()
     try:
-        stream = stream_reply(chat, [{"role": "user", "content": "Tell me a long story about a fox."}],
-                              GenerationParams(max_new_tokens=300, temperature=0.0), cancel=cancel)
+        stream = stream_reply(
+            chat,
+            [{"role": "user", "content": "Tell me a long story about a fox."}],
+            GenerationParams(max_new_tokens=300, temperature=0.0),
+            cancel=cancel,
+        )
         for chunks, _ in enumerate(stream, 1):
             if chunks == 5:
                 cancel.set()
@@ -79,8 +89,11 @@ def test_stop_ends_generation_within_a_token(chat):
 
 
 def test_closing_the_stream_stops_the_generation(chat):
-    stream = stream_reply(chat, [{"role": "user", "content": "Count from one to five hundred."}],
-                          GenerationParams(max_new_tokens=300, temperature=0.0))
+    stream = stream_reply(
+        chat,
+        [{"role": "user", "content": "Count from one to five hundred."}],
+        GenerationParams(max_new_tokens=300, temperature=0.0),
+    )
     next(stream)
     assert generations_running()
     stream.close()  # what Gradio does when a browser goes away

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,42 +14,15 @@ from safetensors.torch import load_file, save_file
 from assistant.chat_format import encode_prompt
 from assistant.generation import GenerationParams, complete_reply
 from assistant.loading import load_chat_model
+from tests.conftest import DATA, FAST, ROOT, sft
 from train.records import load_examples
 from train.verify import AdapterCheckError, check_weights, verify_adapter
-
-DATA = Path(__file__).parent / "data"
-ROOT = Path(__file__).parent.parent
-FAST = ["--batch-size", "4", "--probes", "2", "--probe-tokens", "12", "--logging-steps", "1"]
 
 pytestmark = pytest.mark.slow
 
 
-def sft(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `python -m train.sft` the way a user does."""
-    cmd = [sys.executable, "-m", "train.sft", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def lora_adapter(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "lora"
-    done = sft(
-        str(DATA / "valid_pairs.jsonl"),
-        "--output-dir",
-        str(out),
-        "--max-steps",
-        "4",
-        "--learning-rate",
-        "1e-3",
-        *FAST,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().startswith(f"adapter written to {out}")
-    return out
-
-
-def test_lora_run_writes_a_complete_adapter_folder(lora_adapter):
-    names = {p.name for p in lora_adapter.iterdir()}
+def test_lora_run_writes_a_complete_adapter_folder(trained_lora):
+    names = {p.name for p in trained_lora.iterdir()}
     assert {
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -59,7 +31,7 @@ def test_lora_run_writes_a_complete_adapter_folder(lora_adapter):
         "training_report.json",
         "loss.png",
     } <= names
-    report = json.loads((lora_adapter / "training_report.json").read_text())
+    report = json.loads((trained_lora / "training_report.json").read_text())
     assert report["method"] == "lora" and report["steps"] == 4 and report["base_model"] == "embedded"
     assert report["eval_loss"] < report["loss_curves"]["eval"][0][1], "eval loss should fall"
     assert report["eval_perplexity"] == pytest.approx(2.718281828 ** report["eval_loss"], rel=1e-3)
@@ -67,12 +39,12 @@ def test_lora_run_writes_a_complete_adapter_folder(lora_adapter):
     before = [r["reply"] for r in report["probes"]["before"]["rows"]]
     after = [r["reply"] for r in report["probes"]["after"]["rows"]]
     assert len(before) == 2 and before != after
-    assert (lora_adapter.parent / "lora.checkpoints").is_dir()
-    assert not list(lora_adapter.parent.glob(".lora.partial*")), "no half-written folder left behind"
+    assert (trained_lora.parent / f"{trained_lora.name}.checkpoints").is_dir()
+    assert not list(trained_lora.parent.glob(".*partial*")), "no half-written folder left behind"
 
 
-def test_adapter_round_trips_and_changes_the_reply(lora_adapter):
-    chat = load_chat_model(adapter=lora_adapter, precision="fp32")
+def test_adapter_round_trips_and_changes_the_reply(trained_lora):
+    chat = load_chat_model(adapter=trained_lora, precision="fp32")
     assert chat.method == "lora" and chat.base_model == "embedded"
     prompt = [{"role": "user", "content": "Hi, I want to book a flight with ID 585."}]
     params = GenerationParams(max_new_tokens=16, temperature=0)
@@ -82,23 +54,10 @@ def test_adapter_round_trips_and_changes_the_reply(lora_adapter):
     assert encode_prompt(chat.tokenizer, prompt) == encode_prompt(base.tokenizer, prompt)
 
 
-def test_prefix_tuning_trains_saves_loads_and_generates(tmp_path):
-    out = tmp_path / "prefix"
-    done = sft(
-        str(DATA / "valid_pairs.jsonl"),
-        "--method",
-        "prefix",
-        "--output-dir",
-        str(out),
-        "--max-steps",
-        "3",
-        "--virtual-tokens",
-        "8",
-        "--learning-rate",
-        "3e-2",
-        *FAST,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_prefix_tuning_trains_saves_loads_and_generates(trained_prefix):
+    out = trained_prefix
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["method"] == "prefix" and report["eval_loss"] < report["loss_curves"]["eval"][0][1]
     chat = load_chat_model(adapter=out, precision="fp32")
     assert chat.method == "prefix"
     reply = complete_reply(
@@ -148,25 +107,25 @@ def test_resume_continues_a_run_killed_with_sigkill(tmp_path):
     assert resumed_at >= 4
 
 
-def test_post_save_checks_fail_on_sabotaged_adapters(lora_adapter, tmp_path):
+def test_post_save_checks_fail_on_sabotaged_adapters(trained_lora, tmp_path):
     probes = load_examples(DATA / "valid_pairs.jsonl").examples[:2]
-    saved = load_file(lora_adapter / "adapter_model.safetensors")
+    saved = load_file(trained_lora / "adapter_model.safetensors")
     untrained = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in saved.items()}
 
     empty = tmp_path / "empty"
-    shutil.copytree(lora_adapter, empty)
+    shutil.copytree(trained_lora, empty)
     (empty / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(AdapterCheckError, match="empty"):
         check_weights(empty, untrained)
 
     unchanged = tmp_path / "unchanged"
-    shutil.copytree(lora_adapter, unchanged)
+    shutil.copytree(trained_lora, unchanged)
     save_file(untrained, unchanged / "adapter_model.safetensors")
     with pytest.raises(AdapterCheckError, match="no trainable weight changed"):
         verify_adapter(unchanged, "embedded", untrained, probes)
 
     broken = tmp_path / "broken"
-    shutil.copytree(lora_adapter, broken)
+    shutil.copytree(trained_lora, broken)
     config = json.loads((broken / "adapter_config.json").read_text())
     config["r"] = 3  # shapes no longer match the saved tensors
     (broken / "adapter_config.json").write_text(json.dumps(config))
@@ -175,7 +134,7 @@ def test_post_save_checks_fail_on_sabotaged_adapters(lora_adapter, tmp_path):
 
     # Replies equal to the base model's: weights that changed by nothing visible.
     invisible = tmp_path / "invisible"
-    shutil.copytree(lora_adapter, invisible)
+    shutil.copytree(trained_lora, invisible)
     tiny = {k: v * 1e-6 if "lora_B" in k else v for k, v in saved.items()}
     save_file(tiny, invisible / "adapter_model.safetensors")
     with pytest.raises(AdapterCheckError, match="equal the base model's"):

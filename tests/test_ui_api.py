@@ -27,8 +27,14 @@ def test_chat_endpoint_streams_the_growing_reply(client):
 
 def test_chat_endpoint_takes_history_and_system_prompt(client):
     history = [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hello Ada!"}]
-    reply = client.predict("What is my name?", history=history, system_prompt="Answer in one short sentence.",
-                           adapter="base model", max_new_tokens=16, api_name="/chat")
+    reply = client.predict(
+        "What is my name?",
+        history=history,
+        system_prompt="Answer in one short sentence.",
+        adapter="base model",
+        max_new_tokens=16,
+        api_name="/chat",
+    )
     assert isinstance(reply, str) and reply.strip()
 
 

@@ -106,15 +106,21 @@ def test_two_browsers_never_see_each_others_history(open_page):
     chat(bob, "I am Bob and I like trains.")
     alice.reload()
     bob.reload()
-    wait_for(lambda: alice.locator(USER).count() == 1 and bob.locator(USER).count() == 1, 20,
-             what="each browser to restore its own history")
+    wait_for(
+        lambda: alice.locator(USER).count() == 1 and bob.locator(USER).count() == 1,
+        20,
+        what="each browser to restore its own history",
+    )
     assert "pineapple" not in bob.inner_text("#chatbot")
     assert "trains" not in alice.inner_text("#chatbot")
 
 
 def test_html_in_messages_is_inert(open_page):
     page = open_page()
-    chat(page, 'Look: <img src=x onerror=alert(1)> and <script>alert(1)</script> <a href="javascript:alert(1)">x</a>')
+    chat(
+        page,
+        'Look: <img src=x onerror=alert(1)> and <script>alert(1)</script> <a href="javascript:alert(1)">x</a>',
+    )
     page.wait_for_timeout(500)  # give a broken image time to fire its onerror
     assert page.dialogs == [], f"HTML from a message ran script: {page.dialogs}"
     shown = page.locator("#chatbot")
@@ -163,7 +169,10 @@ def test_retry_undo_edit_clear_and_compare_mode(open_page):
     assert last_reply(page) != first, "the adapter column answers with the adapter"
 
     page.reload()
-    wait_for(lambda: page.locator("#chatbot-base [data-testid='bot']").count() == 1, 20,
-             what="compare mode to come back after reload")
+    wait_for(
+        lambda: page.locator("#chatbot-base [data-testid='bot']").count() == 1,
+        20,
+        what="compare mode to come back after reload",
+    )
     finish(page, lambda: page.click("#clear"))
     assert page.locator(USER).count() == 0 and page.locator("#chatbot-base [data-testid='user']").count() == 0

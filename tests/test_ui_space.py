@@ -37,7 +37,15 @@ def check_space_card(readme: Path, folder: Path) -> dict:
     assert (folder / meta["app_file"]).is_file()
     assert str(meta["python_version"]) == "3.11"
     assert EMBEDDED_HUB_ID in meta["models"]
-    for key in ("title", "emoji", "colorFrom", "colorTo", "license", "short_description", "suggested_hardware"):
+    for key in (
+        "title",
+        "emoji",
+        "colorFrom",
+        "colorTo",
+        "license",
+        "short_description",
+        "suggested_hardware",
+    ):
         assert meta.get(key), f"front matter lacks {key}"
     assert len(meta["short_description"]) <= 60, "the Hub caps short_description at 60 characters"
     return meta
@@ -66,8 +74,15 @@ def test_export_writes_a_ready_space_folder(tmp_path):
     out = export_space(adapter, tmp_path / "space")
     meta = check_space_card(out / "README.md", out)
     assert meta["models"] == [EMBEDDED_HUB_ID] and "support-bot" in meta["title"]
-    for path in ("app.py", "assistant/generation.py", "ui/app.py", "ui/space.py", "prompts/general.txt",
-                 "adapter/adapter_model.safetensors", "adapter/tokenizer_config.json"):
+    for path in (
+        "app.py",
+        "assistant/generation.py",
+        "ui/app.py",
+        "ui/space.py",
+        "prompts/general.txt",
+        "adapter/adapter_model.safetensors",
+        "adapter/tokenizer_config.json",
+    ):
         assert (out / path).is_file(), path
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == EMBEDDED_HUB_ID, "a Space has no embedded GGUF package"
@@ -137,22 +152,39 @@ def test_space_app_reads_its_environment(tmp_path, monkeypatch):
 
 
 def test_cli_help_lists_the_flags():
-    result = subprocess.run([sys.executable, "-m", "ui", "--help"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "ui", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
-    for flag in ("--adapter", "--base-model", "--precision", "--host", "--port", "--adapters-dir", "--auth",
-                 "--share", "--max-queue"):
+    for flag in (
+        "--adapter",
+        "--base-model",
+        "--precision",
+        "--host",
+        "--port",
+        "--adapters-dir",
+        "--auth",
+        "--share",
+        "--max-queue",
+    ):
         assert flag in result.stdout, flag
     assert "auto,fp32,bf16,fp16,8bit,4bit" in result.stdout
 
 
-@pytest.mark.parametrize("argv, expected", [
-    ([], {"adapter": [], "port": 7860, "host": "127.0.0.1", "precision": "auto", "share": False}),
-    (["--adapter", "a", "--adapter", "b", "--port", "9000", "--share"], {"adapter": ["a", "b"], "port": 9000,
-                                                                          "share": True}),
-    (["--adapter", "a", "b", "--precision", "fp32", "--max-queue", "4"], {"adapter": ["a", "b"],
-                                                                          "precision": "fp32", "max_queue": 4}),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], {"adapter": [], "port": 7860, "host": "127.0.0.1", "precision": "auto", "share": False}),
+        (
+            ["--adapter", "a", "--adapter", "b", "--port", "9000", "--share"],
+            {"adapter": ["a", "b"], "port": 9000, "share": True},
+        ),
+        (
+            ["--adapter", "a", "b", "--precision", "fp32", "--max-queue", "4"],
+            {"adapter": ["a", "b"], "precision": "fp32", "max_queue": 4},
+        ),
+    ],
+)
 def test_cli_parses_into_the_config(argv, expected):
     from ui.__main__ import parse_config
 

@@ -14,8 +14,10 @@ from ui.prompts import list_prompts
 from ui.stopping import StopSignals
 
 CHAT = [
-    {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-    {"role": "user", "content": "how are you?"}, {"role": "assistant", "content": "fine"},
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "hello"},
+    {"role": "user", "content": "how are you?"},
+    {"role": "assistant", "content": "fine"},
 ]
 
 
@@ -37,7 +39,8 @@ def test_plain_flattens_gradio_message_parts():
         {"role": "assistant", "content": [{"type": "file", "file": {"path": "x.png"}}]},
     ]
     assert plain(gradio_value) == [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "a\nb"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "a\nb"},
         {"role": "assistant", "content": ""},
     ]
     assert plain(None) == [] and plain(CHAT) == CHAT

@@ -70,41 +70,9 @@ def test_adapters_of_different_bases_are_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_accepts_a_trained_lora_and_rejects_a_trained_prefix(tmp_path):
-    """On real adapters from the trainer (tiny runs), through the command line a user types."""
-    runs = {}
-    for method, lr in (("lora", "1e-3"), ("prefix", "3e-2")):
-        out = tmp_path / method
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "train.sft",
-                str(ROOT / "tests/data/valid_pairs.jsonl"),
-                "--method",
-                method,
-                "--output-dir",
-                str(out),
-                "--max-steps",
-                "2",
-                "--batch-size",
-                "4",
-                "--learning-rate",
-                lr,
-                "--virtual-tokens",
-                "4",
-                "--probes",
-                "2",
-                "--probe-tokens",
-                "8",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
-        runs[method] = out
+def test_cli_accepts_a_trained_lora_and_rejects_a_trained_prefix(trained_lora, trained_prefix):
+    """On real adapters from the trainer, through the command line a user types."""
+    runs = {"lora": trained_lora, "prefix": trained_prefix}
     cli = [sys.executable, "-m", "assistant.vllm_serve"]
     ok = subprocess.run([*cli, str(runs["lora"]), "--print"], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0 and ok.stdout.startswith("vllm serve ") and "--enable-lora" in ok.stdout

@@ -84,7 +84,8 @@ def score(
     nll, tokens, results = 0.0, 0, []
     for example in tqdm(rows, desc=desc, unit="row"):
         prompt, reference = split_reference(example)
-        with chat.model.disable_adapter() if chat.adapter and not use_adapter else nullcontext():
+        # The model's lock: the generation engine may be inside disable_adapter() on its own thread.
+        with chat.lock, chat.model.disable_adapter() if chat.adapter and not use_adapter else nullcontext():
             loss, count = row_nll(chat, example, max_length)
         reply = complete_reply(chat, prompt, params, use_adapter=use_adapter)
         nll, tokens = nll + loss, tokens + count
