@@ -207,17 +207,57 @@ def one_chat(
         outcome.error = f"{type(error).__name__}: {error}"
 
 
-def run_level(url: str, n: int, config: ConcurrencyConfig, count_tokens) -> dict:
-    """N simultaneous chats; aggregate tokens/s over the round's wall time and TTFT percentiles."""
+def one_api_chat(
+    client,
+    message: str,
+    config: ConcurrencyConfig,
+    barrier: threading.Barrier,
+    start: list[float],
+    outcome: Outcome,
+) -> None:
+    """The same chat through the OpenAI-compatible API (streamed, `openai` SDK)."""
+    barrier.wait()
+    t0 = start[0]
+    try:
+        stream = client.chat.completions.create(
+            model="base",
+            messages=[{"role": "user", "content": message}],
+            stream=True,
+            max_tokens=config.max_new_tokens,
+            temperature=0.0,
+            timeout=config.request_timeout,
+        )
+        for chunk in stream:
+            piece = chunk.choices[0].delta.content if chunk.choices else None
+            if piece:
+                outcome.ttft_s = outcome.ttft_s or time.perf_counter() - t0
+                outcome.reply += piece
+        outcome.end_s = time.perf_counter() - t0
+        if not outcome.reply:
+            outcome.error = "empty reply"
+    except Exception as error:  # any client error is a failed request, reported
+        outcome.error = f"{type(error).__name__}: {error}"
+
+
+def _clients(url: str, n: int, api: bool) -> list:
+    if api:
+        from openai import OpenAI
+
+        return [OpenAI(base_url=url.rstrip("/") + "/v1", api_key="local", max_retries=0) for _ in range(n)]
     from gradio_client import Client
 
-    clients = [Client(url, verbose=False) for _ in range(n)]
+    return [Client(url, verbose=False) for _ in range(n)]
+
+
+def run_level(url: str, n: int, config: ConcurrencyConfig, count_tokens, api: bool = False) -> dict:
+    """N simultaneous chats; aggregate tokens/s over the round's wall time and TTFT percentiles."""
+    clients = _clients(url, n, api)
     outcomes = [Outcome(MESSAGES[i % len(MESSAGES)]) for i in range(n)]
     start: list[float] = [0.0]
     barrier = threading.Barrier(n + 1)
     threads = [
         threading.Thread(
-            target=one_chat,
+            target=one_api_chat if api else one_chat,
             args=(clients[i], outcomes[i].message, config, barrier, start, outcomes[i]),
             daemon=True,
         )
@@ -265,8 +305,8 @@ def render(levels: dict[int, dict]) -> str:
     return table(["chats", "tokens", "wall s", "tok/s", "p50 TTFT s", "p95 TTFT s", "failures"], rows)
 
 
-def measure(url: str, config: ConcurrencyConfig) -> dict[int, dict]:
-    """Warm the app with one chat, then run every level."""
+def measure(url: str, config: ConcurrencyConfig, api: bool = False) -> dict[int, dict]:
+    """Warm the app with one chat, then run every level (through /chat, or the OpenAI API with `api`)."""
     from assistant.models import load_tokenizer
 
     tokenizer = load_tokenizer("embedded")
@@ -274,12 +314,12 @@ def measure(url: str, config: ConcurrencyConfig) -> dict[int, dict]:
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
 
-    warm = run_level(url, 1, config, count_tokens)
+    warm = run_level(url, 1, config, count_tokens, api)
     log(f"warm-up: {warm['tokens']} tokens, errors {warm['errors']}")
     results = {}
     for n in config.levels:
-        log(f"{n} simultaneous chat(s)")
-        results[n] = run_level(url, n, config, count_tokens)
+        log(f"{n} simultaneous chat(s){' through the OpenAI API' if api else ''}")
+        results[n] = run_level(url, n, config, count_tokens, api)
         log(
             f"  {results[n]['tok_s']} tok/s, p95 TTFT {results[n]['p95_ttft_s']} s, errors {results[n]['errors']}"
         )
@@ -293,11 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     config.apply_quick()
     load = machine_load()
     if config.url:
-        levels = measure(config.url, config)
+        levels, api_levels = measure(config.url, config), measure(config.url, config, api=True)
     else:
         with AppServer(config.startup_timeout) as server:
             log(f"app serving at {server.url}")
-            levels = measure(server.url, config)
+            levels, api_levels = measure(server.url, config), measure(server.url, config, api=True)
     top = max(config.levels)
     final = {
         **{f"tok_s_{n}": r["tok_s"] for n, r in levels.items()},
@@ -305,13 +345,22 @@ def main(argv: list[str] | None = None) -> int:
         **{f"p95_ttft_s_{n}": r["p95_ttft_s"] for n, r in levels.items()},
         **{f"p50_ttft_s_{n}": r["p50_ttft_s"] for n, r in levels.items()},
         "failures": sum(r["failures"] for r in levels.values()),
+        **{f"api_tok_s_{n}": r["tok_s"] for n, r in api_levels.items()},
+        f"api_ratio_{top}_vs_1": ratio(api_levels[top]["tok_s"], api_levels.get(1, {}).get("tok_s")),
+        **{f"api_p95_ttft_s_{n}": r["p95_ttft_s"] for n, r in api_levels.items()},
+        "api_failures": sum(r["failures"] for r in api_levels.values()),
         "max_new_tokens": config.max_new_tokens,
         "quick": config.quick,
         "load_avg_1m_start": load,
     }
     write_results(
         Path(config.output).stem,
-        {"final": final, "config": vars(config), "levels": {str(n): r for n, r in levels.items()}},
+        {
+            "final": final,
+            "config": vars(config),
+            "levels": {str(n): r for n, r in levels.items()},
+            "api_levels": {str(n): r for n, r in api_levels.items()},
+        },
         Path(config.output).parent,
     )
     bar_chart(
@@ -321,7 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         title="Aggregate decode tokens/s of the app",
         ylabel="tokens / s",
     )
+    print("through the app's /chat endpoint (gradio_client):")
     print(render(levels))
+    print("through the OpenAI-compatible API (openai SDK):")
+    print(render(api_levels))
     print_final(final)
     return 0
 

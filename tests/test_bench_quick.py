@@ -30,7 +30,8 @@ REQUIRED = {
         "ttft_s_ours",
         "bound_tok_s",
     ],
-    "concurrency": ["tok_s_1", "tok_s_4", "tok_s_8", "ratio_8_vs_1", "p95_ttft_s_8", "failures"],
+    "concurrency": ["tok_s_1", "tok_s_4", "tok_s_8", "ratio_8_vs_1", "p95_ttft_s_8", "failures",
+                    "api_tok_s_1", "api_tok_s_8", "api_failures"],
 }
 # Keys that may be null in a quick run: the default-TRL run is skipped, llama.cpp needs its own venv.
 OPTIONAL = {"tokens_per_s_trl_default", "decode_tok_s_llamacpp", "ratio_vs_llamacpp"}
@@ -56,7 +57,7 @@ def check_final(name: str, final: dict) -> None:
     for key in REQUIRED[name]:
         assert key in final, f"{name}: FINAL line lacks {key}"
         value = final[key]
-        if key == "failures":
+        if key.endswith("failures"):
             assert value == 0, final
         elif value is None:
             assert key in OPTIONAL, f"{name}: {key} is null"
@@ -88,4 +89,4 @@ def test_decode_speed_quick(tmp_path: Path) -> None:
 def test_concurrency_quick(tmp_path: Path) -> None:
     final, saved, _ = run_quick("concurrency", tmp_path, timeout=600)
     check_final("concurrency", final)
-    assert set(saved["levels"]) == {"1", "4", "8"}
+    assert set(saved["levels"]) == set(saved["api_levels"]) == {"1", "4", "8"}

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from assistant.chat_format import TemplateError
-from assistant.models import load_base_model, load_tokenizer, pick_precision
+from assistant.models import device, load_base_model, load_tokenizer, pick_precision
 from train.features import Features, encode_examples, split_validation
 from train.records import DataError, Example, load_examples
 
@@ -155,6 +155,7 @@ def training_arguments(config, train: Features, has_valid: bool, precision):
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         seed=config.seed,
+        use_cpu=device() == "cpu",  # also lets bf16 autocast run on CPUs with bf16 units
         bf16=precision.name == "bf16",
         fp16=precision.name == "fp16",
         logging_steps=config.logging_steps,

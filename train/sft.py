@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     configure(logging.INFO)
     config = parse_config(sys.argv[1:] if argv is None else argv)
     from train.pipeline import InputError, run
+    from train.verify import AdapterCheckError
 
     try:
         # Libraries print progress and logs to stdout; stdout carries only the one result line.
@@ -136,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    except AdapterCheckError as failed:
+        # The run's checkpoints stay; the previous adapter folder (if any) is untouched.
+        print(f"error: the new adapter was not published: {failed}", file=sys.stderr)
+        return 1
     print(summary)
     return 0
 
