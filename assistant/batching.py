@@ -31,13 +31,16 @@ class Request:
     """One reply to generate: prompt ids in, token ids out through `tokens`."""
 
     ids: list[int]
-    key: tuple  # sampling settings + adapter on/off: only equal keys share a batch
-    generate_kwargs: dict
+    params: object  # assistant.generation.GenerationParams (not imported: it imports this module)
     use_adapter: bool
     cancel: threading.Event
-    seed: int | None = None
     tokens: queue.Queue = field(default_factory=queue.Queue)
     done: bool = False
+
+    @property
+    def key(self) -> tuple:
+        """Sampling settings + adapter on/off: only equal keys share a batch."""
+        return self.params.batch_key(self.use_adapter)
 
 
 class _RowCancel(StoppingCriteria):
@@ -140,8 +143,8 @@ class BatchEngine:
         self.running = batch
         try:
             with chat.lock, torch.inference_mode():
-                if batch[0].seed is not None:
-                    torch.manual_seed(batch[0].seed)
+                if batch[0].params.seed is not None:
+                    torch.manual_seed(batch[0].params.seed)
                 adapter_off = chat.adapter and not batch[0].use_adapter
                 with chat.model.disable_adapter() if adapter_off else contextlib.nullcontext():
                     chat.model.generate(
@@ -150,7 +153,7 @@ class BatchEngine:
                         streamer=streamer,
                         stopping_criteria=StoppingCriteriaList([_RowCancel(batch)]),
                         pad_token_id=pad,
-                        **batch[0].generate_kwargs,
+                        **batch[0].params.generate_kwargs(),
                     )
         except Exception as error:  # the requests must learn of it, not hang
             logger.exception("generation failed")
@@ -181,7 +184,7 @@ def running_generations() -> int:
 def engine_for(chat) -> BatchEngine:
     """The model's batch engine, started on first use."""
     with _engines_lock:
-        if getattr(chat, "engine", None) is None:
+        if chat.engine is None:
             chat.engine = BatchEngine(chat)
             _engines.append(chat.engine)
         return chat.engine

@@ -83,11 +83,7 @@ def stream_reply(
         logger.info("history trimmed: %d oldest messages left out to fit the context window", dropped)
         if on_trim:
             on_trim(dropped)
-    request = engine_for(chat).submit(
-        Request(
-            ids, params.batch_key(use_adapter), params.generate_kwargs(), use_adapter, cancel, params.seed
-        )
-    )
+    request = engine_for(chat).submit(Request(ids, params, use_adapter, cancel))
     tokens: list[int] = []
     text = ""
     try:

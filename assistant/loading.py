@@ -26,6 +26,7 @@ class ChatModel:
     method: str | None = None  # "lora" | "prefix" | None
     # One generation at a time per model: peft's disable_adapter() (compare mode) mutates the model.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    engine: object = field(default=None, repr=False)  # its BatchEngine, started on first reply
 
     def describe(self) -> str:
         """Human summary for the log and the UI."""

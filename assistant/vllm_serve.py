@@ -138,8 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         print(shlex.join(command))
         return 0
     if shutil.which(command[0]) is None:
-        print("error: vLLM is not installed here (it needs a CUDA GPU): `pip install vllm` on the GPU machine, "
-              "or pass --print to get the command", file=sys.stderr)
+        print(
+            "error: vLLM is not installed here (it needs a CUDA GPU): `pip install vllm` on the GPU machine, "
+            "or pass --print to get the command",
+            file=sys.stderr,
+        )
         return 2
     os.execvp(command[0], command)  # replaces this process: vLLM's own signals and exit code
     return 0  # not reached

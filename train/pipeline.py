@@ -58,25 +58,21 @@ def prepare_data(config) -> PreparedData:
     return PreparedData(tokenizer, train, valid, valid_rows or train_rows, warnings)
 
 
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
 def checkpoint_to_resume(config) -> str | None:
     """Newest complete checkpoint when resuming; refuse to silently overwrite an earlier run."""
     folder = config.checkpoint_dir
-    complete = (
-        sorted(
-            (p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
-            key=lambda p: int(p.name.split("-")[-1]),
-        )
-        if folder.is_dir()
-        else []
-    )
+    found = sorted(folder.glob("checkpoint-*"), key=_step) if folder.is_dir() else []
+    # A checkpoint is complete once trainer_state.json is written (last).
+    complete = [p for p in found if (p / "trainer_state.json").is_file()]
     if config.resume:
         if not complete:
             raise InputError(f"{folder}: no complete checkpoint to resume from; run without --resume")
-        # A checkpoint is complete once trainer_state.json is written (last); drop later partial ones.
-        for partial in folder.glob("checkpoint-*"):
-            if partial not in complete and int(partial.name.split("-")[-1]) > int(
-                complete[-1].name.split("-")[-1]
-            ):
+        for partial in found:  # a kill mid-save leaves a later, partial checkpoint: drop it
+            if partial not in complete and _step(partial) > _step(complete[-1]):
                 shutil.rmtree(partial)
         logger.info("resuming from %s", complete[-1])
         return str(complete[-1])
