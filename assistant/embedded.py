@@ -45,11 +45,20 @@ def gguf_path() -> Path:
 
 def embedded_model_dir() -> Path:
     """Folder holding the embedded model as safetensors + tokenizer, prepared on first use."""
-    target = cache_root() / "smollm2-135m-instruct-q4_1"
+    target = _cache_dir()
     if (target / "model.safetensors").is_file():
         return target
     _prepare(target)
     return target
+
+
+def is_embedded(name: str | None) -> bool:
+    """True for 'embedded' and for its cache folder (what adapters made on it may name as their base)."""
+    return name == EMBEDDED or (name is not None and Path(name).resolve() == _cache_dir().resolve())
+
+
+def _cache_dir() -> Path:
+    return cache_root() / "smollm2-135m-instruct-q4_1"
 
 
 def _prepare(target: Path) -> None:

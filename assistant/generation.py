@@ -26,9 +26,8 @@ class GenerationParams:
     seed: int | None = None
 
     def batch_key(self, use_adapter: bool) -> tuple:
-        """Requests with equal keys can share one batched generate call."""
+        """Requests with equal keys can share one batched generate call (each keeps its own length)."""
         return (
-            self.max_new_tokens,
             self.temperature,
             self.top_p,
             self.top_k,

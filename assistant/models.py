@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from assistant.embedded import EMBEDDED, embedded_model_dir
+from assistant.embedded import EMBEDDED, embedded_model_dir, is_embedded
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "8bit", "4bit")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int4", "8bit", "4bit")
+# int4: torch's CPU kernels (assistant.quant), for serving; 8bit/4bit: bitsandbytes on CUDA.
 
 
 def resolve_model_path(name: str) -> str:
@@ -48,16 +49,23 @@ class Precision:
 
     def describe(self) -> str:
         """One line for logs and the UI, e.g. 'cpu, fp32'."""
+        if self.name == "int4":
+            return f"{device()}, int4 weights, bf16 compute"
         return f"{device()}, {self.name}"
 
 
-def pick_precision(requested: str = "auto", *, for_training: bool = False) -> Precision:
-    """Resolve 'auto' for this hardware; refuse bitsandbytes where it cannot run."""
+def pick_precision(requested: str = "auto", *, for_training: bool = False, base: str | None = None) -> Precision:
+    """Resolve 'auto' for this hardware and base model; refuse what cannot run here."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision {requested!r} is not one of {', '.join(PRECISIONS)}")
     on_gpu = device() == "cuda"
     if requested == "auto":
-        requested = _auto_precision(on_gpu, for_training)
+        requested = _auto_precision(on_gpu, for_training, base)
+    if requested == "int4":
+        if on_gpu or for_training:
+            raise ValueError("int4 is the CPU serving precision; on a GPU or for training use 8bit, 4bit or bf16")
+        # Loaded in fp32 (the exact weights), then assistant.quant packs them.
+        return Precision("int4", torch.float32)
     if requested in ("8bit", "4bit"):
         if not on_gpu:
             raise ValueError(
@@ -69,14 +77,18 @@ def pick_precision(requested: str = "auto", *, for_training: bool = False) -> Pr
     )
 
 
-def _auto_precision(on_gpu: bool, for_training: bool) -> str:
+def _auto_precision(on_gpu: bool, for_training: bool, base: str | None) -> str:
     if for_training:
         return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[training_dtype()]
     if on_gpu:
         return "8bit"
     # Decoding is memory-bound: bf16 halves the bytes per token (measured 2x faster here, 26 vs 13 tok/s).
     # bitsandbytes 8-bit does load on a CPU but decodes at ~1 token/s, so it is never picked there.
-    return "bf16" if cpu_has_bf16() else "fp32"
+    if not cpu_has_bf16():
+        return "fp32"
+    # The embedded weights are Q4_1 already, so int4 loses nothing there (bench.decode_speed: 2x bf16);
+    # for other models it is a lossy choice the user makes with --precision int4.
+    return "int4" if is_embedded(base) else "bf16"
 
 
 def load_tokenizer(name_or_path: str):

@@ -66,6 +66,7 @@ class ConcurrencyConfig:
         default=None,
         metadata={"help": "Benchmark an app already running at this URL instead of starting one."},
     )
+    precision: str = field(default="auto", metadata={"help": "--precision of the app it starts."})
     quick: bool = field(default=False, metadata={"help": "CI smoke run: 8 new tokens per request."})
     output: str = field(
         default=str(RESULTS / f"{NAME}.json"), metadata={"help": "Where to write the JSON results."}
@@ -87,8 +88,8 @@ def free_port() -> int:
 class AppServer:
     """`python -m ui` in its own process group, on 127.0.0.1, with no adapters listed (the base model serves)."""
 
-    def __init__(self, startup_timeout: float):
-        self.port = free_port()
+    def __init__(self, startup_timeout: float, precision: str = "auto"):
+        self.port, self.precision = free_port(), precision
         self.url = f"http://127.0.0.1:{self.port}/"
         self.startup_timeout = startup_timeout
         self.folder = tempfile.TemporaryDirectory(prefix="bench-app-")
@@ -116,6 +117,8 @@ class AppServer:
                     str(self.port),
                     "--adapters-dir",
                     str(adapters),
+                    "--precision",
+                    self.precision,
                 ],
                 cwd=ROOT,
                 env=env,
@@ -335,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.url:
         levels, api_levels = measure(config.url, config), measure(config.url, config, api=True)
     else:
-        with AppServer(config.startup_timeout) as server:
+        with AppServer(config.startup_timeout, config.precision) as server:
             log(f"app serving at {server.url}")
             levels, api_levels = measure(server.url, config), measure(server.url, config, api=True)
     top = max(config.levels)
@@ -350,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         **{f"api_p95_ttft_s_{n}": r["p95_ttft_s"] for n, r in api_levels.items()},
         "api_failures": sum(r["failures"] for r in api_levels.values()),
         "max_new_tokens": config.max_new_tokens,
+        "precision": config.precision,
         "quick": config.quick,
         "load_avg_1m_start": load,
     }

@@ -7,6 +7,7 @@ weights allow: measured copy bandwidth / bytes of weights read per decode step.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -204,13 +205,24 @@ def summarize(runs: list[dict], **extra) -> dict:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of parameters read per decode step: every tensor once (the tied embedding/LM head counted once)."""
-    seen, total = set(), 0
-    for param in model.parameters():
-        if param.data_ptr() in seen:
+    """Bytes of weights read per decode step: every parameter and buffer once (shared ones once).
+
+    The input embedding is a lookup of one row, so it counts only when it is also the LM head.
+    Quantized layers decode from their packed buffers; their dense weight serves longer inputs only.
+    """
+    from assistant.quant import QuantizedLinear
+
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = not isinstance(head, QuantizedLinear) and head.weight.data_ptr() == embedding.data_ptr()
+    skip = {embedding.data_ptr()} if not tied else set()
+    skip |= {m.weight.data_ptr() for m in model.modules() if isinstance(m, QuantizedLinear)}
+    seen, total = skip, 0
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.data_ptr() in seen:
             continue
-        seen.add(param.data_ptr())
-        total += param.numel() * param.element_size()
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
     return total
 
 

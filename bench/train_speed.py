@@ -55,6 +55,9 @@ class TrainSpeedConfig:
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (ours and tuned TRL)."})
+    precision: str = field(
+        default="auto", metadata={"help": "--precision of train.sft (auto: what a user gets on this machine)."}
+    )
     trl_padding_free: bool = field(
         default=True, metadata={"help": "Tuned TRL: padding-free batches (works with sdpa on CPU here)."}
     )
@@ -141,6 +144,8 @@ def run_ours(config: TrainSpeedConfig, train: Path, valid: Path, out: Path) -> d
         str(valid),
         "--output-dir",
         str(out),
+        "--precision",
+        config.precision,
     ]
     if config.quick:
         cmd += ["--probes", "1", "--probe-tokens", "16", "--save-steps", str(config.steps)]
@@ -285,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_rows": n_train,
         "valid_rows": n_valid,
         "steps": config.steps,
+        "precision": config.precision,
         "default_steps": None if config.skip_default else config.default_steps,
         "quick": config.quick,
         "load_avg_1m_start": load,

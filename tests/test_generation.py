@@ -6,6 +6,8 @@ import threading
 
 import pytest
 
+from assistant.batching import END, Request, engine_for
+from assistant.chat_format import encode_prompt
 from assistant.generation import GenerationParams, fit_history, stream_reply
 from assistant.loading import ChatModel, load_chat_model
 from tests.conftest import generations_running, wait_for
@@ -135,3 +137,42 @@ def test_registry_loads_lazily_and_caches(lora_adapter):
     assert "cpu" in registry.describe("pirate")
     with pytest.raises(KeyError):
         registry.get("nope")
+
+
+class ForcedLength(GenerationParams):
+    """Greedy, exactly max_new_tokens tokens (no early end of turn)."""
+
+    def generate_kwargs(self) -> dict:
+        return {**super().generate_kwargs(), "min_new_tokens": self.max_new_tokens}
+
+
+def submit(chat: ChatModel, text: str, max_new_tokens: int) -> Request:
+    ids = encode_prompt(chat.tokenizer, [{"role": "user", "content": text}])
+    params = ForcedLength(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
+    return engine_for(chat).submit(Request(ids, params, True, threading.Event()))
+
+
+def drain(request: Request) -> list[int]:
+    tokens = []
+    while (token := request.tokens.get(timeout=120)) is not END:
+        assert not isinstance(token, BaseException), token
+        tokens.append(token)
+    return tokens
+
+
+def test_rows_of_one_batch_keep_their_own_lengths(chat):
+    short, long = submit(chat, "Tell me about maps.", 6), submit(chat, "Tell me about ships.", 14)
+    assert (len(drain(short)), len(drain(long))) == (6, 14)
+
+
+def test_a_late_request_joins_the_running_batch(chat):
+    first = submit(chat, "Write a long story about a lighthouse keeper.", 120)
+    head = [first.tokens.get(timeout=60) for _ in range(8)]  # the first reply is under way
+    late = submit(chat, "Name a colour.", 5)
+    assert len(drain(late)) == 5
+    # The late reply ended while the long one was still streaming: it did not wait for it.
+    assert not first.done
+    rest = drain(first)
+    assert len(head) + len(rest) == 120
+    text = chat.tokenizer.decode(head + rest)
+    assert len(text.split()) > 40, text  # one coherent reply went on across the pause

@@ -168,7 +168,7 @@ def test_cli_help_lists_the_flags():
         "--max-queue",
     ):
         assert flag in result.stdout, flag
-    assert "auto,fp32,bf16,fp16,8bit,4bit" in result.stdout
+    assert "auto,fp32,bf16,fp16,int4,8bit,4bit" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -99,6 +99,8 @@ def build_model(config, tokenizer):
     """Base model with a fresh LoRA or prefix adapter, plus a copy of the initial trainable weights."""
     from peft import get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
 
+    from train.attention import use_packed_attention
+    from train.dropout import use_fast_dropout
     from train.trainer import peft_config
 
     precision = pick_precision(
@@ -106,6 +108,8 @@ def build_model(config, tokenizer):
         for_training=True,
     )
     model = load_base_model(config.base_model, precision)
+    if config.method == "lora":  # LoRA batches are packed rows (train.collate)
+        use_packed_attention(model)
     if precision.bits:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -121,6 +125,7 @@ def build_model(config, tokenizer):
             virtual_tokens=config.virtual_tokens,
         ),
     )
+    use_fast_dropout(model)
     initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     return model, precision, initial
 

@@ -21,8 +21,11 @@ class ChatConfig:
         metadata={"help": "Base model: 'embedded', a Hub id or a folder; unset, each adapter uses its own "
                           "base and 'base model' is the embedded SmolLM2-135M-Instruct."},
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16", "8bit", "4bit"] = field(
-        default="auto", metadata={"help": "Weight precision; auto picks bf16/fp32 on a CPU, 8-bit on a GPU."}
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int4", "8bit", "4bit"] = field(
+        default="auto",
+        metadata={"help": "Weight precision. auto: on a GPU 8-bit (bitsandbytes); on a CPU with bf16 units "
+                          "int4 for the embedded model (its weights are 4-bit already), bf16 for others, "
+                          "else fp32. int4: 4-bit CPU kernels for any model (lossy unless it came from Q4_1)."}
     )
     host: str = field(default="127.0.0.1", metadata={"help": "Address to bind (0.0.0.0 to serve the network)."})
     port: int = field(default=7860, metadata={"help": "Port to listen on."})

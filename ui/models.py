@@ -9,7 +9,7 @@ from pathlib import Path
 
 from assistant.embedded import EMBEDDED
 from assistant.generation import GenerationParams, stream_reply
-from assistant.loading import ChatModel, load_chat_model
+from assistant.loading import ChatModel, adapter_info, load_chat_model
 from assistant.models import pick_precision
 
 logger = logging.getLogger(__name__)
@@ -89,4 +89,6 @@ class ModelRegistry:
         chat = self._models.get(choice)
         if chat is not None:
             return chat.describe()
-        return f"{choice}: loads on first use ({pick_precision(self.precision).describe()})"
+        adapter = self.adapters.get(choice)
+        base = self.base_model or (adapter_info(adapter).get("base_model_name_or_path") if adapter else EMBEDDED)
+        return f"{choice}: loads on first use ({pick_precision(self.precision, base=base).describe()})"

@@ -1,0 +1,135 @@
+"""CPU int4 serving: exact on Q4_1-shaped weights, adapters untouched, faithful on the embedded model."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from assistant.chat_format import IGNORE_INDEX, encode_chat
+from assistant.embedded import embedded_model_dir
+from assistant.loading import load_chat_model
+from assistant.models import cpu_has_bf16, pick_precision
+from assistant.quant import GROUP, QUANT_ROWS, Int4Linear, Int8Linear, quantize_for_cpu
+from tests.conftest import DATA
+
+
+def q4_1_linear(out_features: int = 96, in_features: int = 128) -> nn.Linear:
+    """A linear layer whose weights are exactly representable in Q4_1 (per group: min + code * scale)."""
+    torch.manual_seed(0)
+    groups = in_features // GROUP
+    codes = torch.randint(0, 16, (out_features, groups, GROUP)).float()
+    codes[..., 0], codes[..., 1] = 0, 15  # llama.cpp's Q4_1 puts the group's min and max at codes 0 and 15
+    scale = torch.rand(out_features, groups, 1) * 0.01 + 1e-3
+    low = torch.randn(out_features, groups, 1) * 0.05
+    linear = nn.Linear(in_features, out_features, bias=False)
+    linear.weight.data = (low + codes * scale).reshape(out_features, in_features)
+    return linear
+
+
+def test_int4_reproduces_q4_1_weights():
+    linear = q4_1_linear()
+    x = torch.randn(2, QUANT_ROWS // 2, linear.in_features).bfloat16()  # few rows: the packed kernel
+    # The reference: the same bf16 inputs against the exact weights, in fp32.
+    expected = x.float() @ linear.weight.T
+    got = Int4Linear(linear)(x)
+    assert got.shape == expected.shape and got.dtype == torch.bfloat16
+    # Only bf16 rounding of scales and outputs remains (the weights themselves are recovered exactly).
+    assert torch.allclose(got.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_many_rows_take_the_dense_weight():
+    layer = Int4Linear(q4_1_linear())
+    many = torch.randn(QUANT_ROWS + 1, layer.in_features)
+    assert torch.equal(layer(many), nn.functional.linear(many, layer.weight))
+    # The packed path agrees with it row by row.
+    rows = torch.cat([layer(row[None]) for row in many])
+    assert torch.allclose(rows.float(), layer(many).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_int8_head_is_close_to_the_float_head():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 1000, bias=False)
+    x = torch.randn(QUANT_ROWS, 64).bfloat16()
+    got = Int8Linear(linear)(x).float()
+    expected = x.float() @ linear.weight.T
+    assert (got - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+def tiny_lora_model() -> nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(config).eval(),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    return model
+
+
+def test_quantize_swaps_frozen_layers_and_keeps_the_adapter_live():
+    model = tiny_lora_model()
+    ids = torch.randint(0, 256, (1, QUANT_ROWS))  # few tokens: the packed kernels
+    with torch.inference_mode():
+        reference = model(ids).logits
+    quantize_for_cpu(model)
+    layer = model.base_model.model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj.base_layer, Int4Linear)
+    assert isinstance(layer.mlp.down_proj, Int4Linear)
+    assert isinstance(model.base_model.model.lm_head, Int8Linear)
+    # The adapter matrices stay float and unmerged.
+    assert isinstance(layer.self_attn.q_proj.lora_A["default"], nn.Linear)
+    with torch.inference_mode():
+        tuned = model(ids).logits.float()
+        with model.disable_adapter():
+            plain = model(ids).logits.float()
+    assert not torch.allclose(tuned, plain, atol=1e-2), "the adapter no longer changes the output"
+    # Random weights are not Q4_1-shaped, so this is real 4-bit rounding: close, not exact.
+    assert torch.nn.functional.cosine_similarity(tuned.flatten(), reference.flatten(), dim=0) > 0.98
+
+
+def test_int4_precision_rules():
+    assert pick_precision("int4").name == "int4"
+    with pytest.raises(ValueError, match="int4 is the CPU serving precision"):
+        pick_precision("int4", for_training=True)
+    auto = pick_precision("auto", base="embedded").name
+    assert auto == ("int4" if cpu_has_bf16() else "fp32")
+    # Adapters made on the embedded model may name its cache folder as their base.
+    assert pick_precision("auto", base=str(embedded_model_dir())).name == auto
+    assert pick_precision("auto", base="HuggingFaceTB/SmolLM2-360M-Instruct").name != "int4"
+
+
+def held_out_nll(chat) -> float:
+    """Mean next-token loss on the assistant tokens of a few real support dialogues."""
+    rows = [json.loads(line) for line in (DATA / "valid_chat.jsonl").read_text().splitlines()[:4]]
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for row in rows:
+            encoded = encode_chat(chat.tokenizer, row["messages"])
+            logits = chat.model(torch.tensor([encoded.input_ids])).logits[0, :-1].float()
+            target = torch.tensor(encoded.labels[1:])
+            keep = target != IGNORE_INDEX
+            total += nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+            count += int(keep.sum())
+    return total / count
+
+
+def test_int4_is_as_faithful_as_bf16_on_the_embedded_model():
+    exact = held_out_nll(load_chat_model(precision="fp32"))
+    int4 = held_out_nll(load_chat_model(precision="int4"))
+    bf16 = held_out_nll(load_chat_model(precision="bf16"))
+    # The embedded weights are Q4_1, so 4-bit storage adds no error beyond bf16 compute's.
+    assert abs(int4 - exact) <= max(0.01, 2 * abs(bf16 - exact)), (exact, int4, bf16)
