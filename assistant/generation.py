@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -12,6 +13,8 @@ from assistant.chat_format import encode_prompt
 from assistant.loading import ChatModel
 
 logger = logging.getLogger(__name__)
+
+UPDATE_INTERVAL_S = 0.1  # the growing reply is yielded at most 10 times a second
 
 
 @dataclass
@@ -84,20 +87,29 @@ def stream_reply(
             on_trim(dropped)
     request = engine_for(chat).submit(Request(ids, params, use_adapter, cancel))
     tokens: list[int] = []
-    text = ""
+    shown, shown_at = "", 0.0
     try:
         while (token := request.tokens.get()) is not END:
             if isinstance(token, BaseException):
                 raise RuntimeError(f"generation failed: {token}") from token
             tokens.append(token)
-            new = chat.tokenizer.decode(tokens, skip_special_tokens=True)
-            # A multi-byte character split across tokens decodes to U+FFFD until its last piece arrives.
-            if new != text and not new.endswith("\ufffd"):
-                text = new
-                yield text
+            # Each update costs the server (UI diff, HTTP chunk) CPU that decoding needs: at most one
+            # per UPDATE_INTERVAL_S; tokens arriving faster are shown together.
+            if time.monotonic() - shown_at >= UPDATE_INTERVAL_S and (text := _visible(chat, tokens, shown)):
+                shown, shown_at = text, time.monotonic()
+                yield shown
+        if text := _visible(chat, tokens, shown):
+            yield text
     finally:
         # Reached on normal end, on Stop and when the consumer goes away (generator closed).
         cancel.set()
+
+
+def _visible(chat: ChatModel, tokens: list[int], shown: str) -> str | None:
+    """The decoded reply when it shows something new and whole (None otherwise)."""
+    text = chat.tokenizer.decode(tokens, skip_special_tokens=True)
+    # A multi-byte character split across tokens decodes to U+FFFD until its last piece arrives.
+    return text if text != shown and not text.endswith("\ufffd") else None
 
 
 def complete_reply(

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from assistant.batching import END, Request, engine_for
 from assistant.chat_format import encode_prompt
-from assistant.generation import GenerationParams, fit_history, stream_reply
+from assistant.generation import (
+    UPDATE_INTERVAL_S,
+    GenerationParams,
+    complete_reply,
+    fit_history,
+    stream_reply,
+)
 from assistant.loading import ChatModel, load_chat_model
 from tests.conftest import generations_running, wait_for
 from ui.models import BASE_CHOICE, ModelRegistry, adapter_choices, find_adapters
@@ -176,3 +183,16 @@ def test_a_late_request_joins_the_running_batch(chat):
     assert len(head) + len(rest) == 120
     text = chat.tokenizer.decode(head + rest)
     assert len(text.split()) > 40, text  # one coherent reply went on across the pause
+
+
+def test_updates_come_at_most_ten_times_a_second_and_end_with_the_whole_reply(chat):
+    params = ForcedLength(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
+    messages = [{"role": "user", "content": "Describe a harbour at dawn."}]
+    times, texts = [], []
+    for text in stream_reply(chat, messages, params):
+        times.append(time.monotonic())
+        texts.append(text)
+    assert len(texts) >= 2 and all(a != b and b.startswith(a[:-1]) for a, b in zip(texts, texts[1:]))
+    gaps = [b - a for a, b in zip(times, times[1:])][:-1]  # the last update comes at the end, whenever
+    assert all(gap >= UPDATE_INTERVAL_S * 0.9 for gap in gaps), gaps
+    assert texts[-1] == complete_reply(chat, messages, params)

@@ -37,6 +37,8 @@ def merge(config: MergeConfig) -> Path:
         raise ValueError(
             f"{config.adapter}: only LoRA adapters can be merged; prefix tuning has no weights to fold in"
         )
+    if config.precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"--precision must be fp32, bf16 or fp16 for a merged folder, got {config.precision!r}")
     chat = load_chat_model(config.base_model, adapter=config.adapter, precision=config.precision)
     merged = chat.model.merge_and_unload()
     target = Path(config.output_dir)
