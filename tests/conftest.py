@@ -32,6 +32,25 @@ CHROMIUM_ARGS = [
 ]
 
 
+def tiny_llama(vocab_size: int = 128, max_positions: int = 128):
+    """A 2-layer Llama with seeded random weights, built in-process for fast unit tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config)
+
+
 def free_port() -> int:
     """A localhost TCP port nobody listens on right now."""
     with socket.socket() as sock:

@@ -6,14 +6,13 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from assistant.chat_format import IGNORE_INDEX, encode_chat
 from assistant.embedded import embedded_model_dir
 from assistant.loading import load_chat_model
 from assistant.models import cpu_has_bf16, pick_precision
 from assistant.quant import GROUP, QUANT_ROWS, Int4Linear, Int8Linear, quantize_for_cpu
-from tests.conftest import DATA
+from tests.conftest import DATA, tiny_llama
 
 
 def q4_1_linear(out_features: int = 96, in_features: int = 128) -> nn.Linear:
@@ -59,18 +58,8 @@ def test_int8_head_is_close_to_the_float_head():
 
 
 def tiny_lora_model() -> nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
     model = get_peft_model(
-        LlamaForCausalLM(config).eval(),
+        tiny_llama(256).eval(),
         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
     with torch.no_grad():

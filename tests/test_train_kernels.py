@@ -4,25 +4,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.conftest import tiny_llama
 from train.attention import NAME, conversation_bounds, use_packed_attention
 from train.dropout import FastDropout, use_fast_dropout
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config)
 
 
 def packed_row(lengths: list[int]) -> dict[str, torch.Tensor]:

@@ -3,10 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import TrainingArguments
 
 from assistant.chat_format import IGNORE_INDEX, encode_chat
 from assistant.models import load_tokenizer
+from tests.conftest import tiny_llama
 from train.collate import ChatCollator
 from train.trainer import ChatTrainer
 
@@ -29,17 +30,7 @@ CHATS = [
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tokenizer = load_tokenizer("embedded")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(len(tokenizer), max_positions=512).eval()
     args = TrainingArguments(output_dir=str(tmp_path_factory.mktemp("out")), report_to=[], use_cpu=True)
     trainer = ChatTrainer(model=model, args=args)
     items = [
