@@ -61,14 +61,22 @@ class Request:
 
 
 class _RowStop(StoppingCriteria):
-    """Per-row stop (finished or cancelled); every row stops when the batch pauses for newcomers."""
+    """Per-row stop (finished or cancelled); every row stops when the batch pauses for newcomers.
+
+    A pause costs a new prompt pass over every row, so a batch first decodes for at least as long as its
+    own prompt pass took: under a steady stream of arrivals at most half the time goes to prompt passes.
+    """
 
     def __init__(self, batch: list[Request], engine: BatchEngine):
         self.batch, self.engine, self.steps = batch, engine, 0
+        self.started, self.first_step_at = time.monotonic(), None
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
         self.steps += 1
-        pause = self.steps >= MIN_STEPS and self.engine.joiners_waiting(self.batch)
+        now = time.monotonic()
+        self.first_step_at = self.first_step_at or now
+        decoded_long_enough = now - self.first_step_at >= self.first_step_at - self.started
+        pause = self.steps >= MIN_STEPS and decoded_long_enough and self.engine.joiners_waiting(self.batch)
         return torch.tensor(
             [pause or r.done or r.cancel.is_set() for r in self.batch], device=input_ids.device
         )
