@@ -67,7 +67,9 @@ def load_chat_model(
     # thread takes its team with it, so the engine thread's team is the one left.
     result: list = []
     worker = threading.Thread(
-        target=lambda: result.append(_capture(_load, base_model, adapter, precision)), name="model-load"
+        target=lambda: result.append(_capture(_load, base_model, adapter, precision)),
+        name="model-load",
+        daemon=True,  # Ctrl+C while loading ends the process
     )
     worker.start()
     worker.join()
