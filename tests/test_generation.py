@@ -196,3 +196,15 @@ def test_updates_come_at_most_ten_times_a_second_and_end_with_the_whole_reply(ch
     gaps = [b - a for a, b in zip(times, times[1:])][:-1]  # the last update comes at the end, whenever
     assert all(gap >= UPDATE_INTERVAL_S * 0.9 for gap in gaps), gaps
     assert texts[-1] == complete_reply(chat, messages, params)
+
+
+def test_a_joined_batch_continues_exactly_where_each_reply_was():
+    """Paused rows keep their keys/values and newcomers get theirs: greedy replies equal their solo runs (fp32)."""
+    exact = load_chat_model(precision="fp32")
+    story, colour = "Write a long story about a lighthouse keeper.", "Name a colour."
+    solo_story, solo_colour = drain(submit(exact, story, 40)), drain(submit(exact, colour, 8))
+    first = submit(exact, story, 40)
+    head = [first.tokens.get(timeout=60) for _ in range(8)]
+    assert drain(submit(exact, colour, 8)) == solo_colour
+    assert not first.done  # the colour reply was generated inside the story's batch
+    assert head + drain(first) == solo_story
