@@ -111,6 +111,7 @@ class _RowStreamer(BaseStreamer):
 
     @staticmethod
     def _finish(request: Request) -> None:
+        request.kv = None
         if not request.done:
             request.done = True
             request.tokens.put(END)
@@ -206,13 +207,21 @@ class BatchEngine:
             # Rows still open paused for newcomers: they go first in the next batch, with what they have.
             paused = [r for r in batch if not r.done and not r.cancel.is_set() and r.budget > 0]
             for row, r in enumerate(batch):
-                keep = reuse and r in paused and output is not None
-                r.kv = _row_kv(output.past_key_values, row, len(r.context) - 1) if keep else None
+                r.kv = self._kept_kv(output, row, r) if reuse and r in paused and output is not None else None
                 if r not in paused:
                     _RowStreamer._finish(r)
             with self.cond:
                 self.waiting = paused + self.waiting
             self.running = []
+
+    @staticmethod
+    def _kept_kv(output, row: int, request: Request) -> list | None:
+        """A paused row's keys/values, or None (its context is then run again) if the cache is not plain."""
+        try:
+            return _row_kv(output.past_key_values, row, len(request.context) - 1)
+        except (AttributeError, IndexError, TypeError):  # e.g. a model whose cache has no per-layer tensors
+            logger.warning("could not keep the cache of a paused reply; its context will be run again")
+            return None
 
     def _batch_cache(self, batch: list[Request], pad: int, device) -> DynamicCache:
         """One cache for a resumed batch: paused rows' keys/values, the newcomers' from a prompt pass."""
@@ -250,6 +259,8 @@ def _left_padded(contexts: list[list[int]], pad: int, device) -> tuple[torch.Ten
 
 def _row_kv(cache, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One row's keys/values over its last `length` positions (its real tokens), copied out of a batch cache."""
+    if any(layer.keys.shape[2] < length for layer in cache.layers):  # e.g. a sliding-window cache
+        raise IndexError(f"the cache holds fewer than {length} positions")
     return [
         (layer.keys[row, :, -length:].clone(), layer.values[row, :, -length:].clone())
         for layer in cache.layers
