@@ -66,8 +66,9 @@ class Request:
 class _RowStop(StoppingCriteria):
     """Per-row stop (finished or cancelled); every row stops when the batch pauses for newcomers.
 
-    A pause costs a new prompt pass over every row, so a batch first decodes for at least as long as its
-    own prompt pass took: under a steady stream of arrivals at most half the time goes to prompt passes.
+    A pause costs a prompt pass (the newcomers'; every row's for prefix-tuned models), so a batch first
+    decodes for at least as long as its own prompt pass took: under a steady stream of arrivals at most
+    half the time goes to prompt passes.
     """
 
     def __init__(self, batch: list[Request], engine: BatchEngine):

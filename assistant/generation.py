@@ -27,6 +27,7 @@ class GenerationParams:
     top_k: int = 50
     repetition_penalty: float = 1.1
     seed: int | None = None
+    min_new_tokens: int = 0  # no end of turn before this many tokens (benchmarks time exact lengths)
 
     def batch_key(self, use_adapter: bool) -> tuple:
         """Requests with equal keys can share one batched generate call (each keeps its own length)."""
@@ -46,6 +47,8 @@ class GenerationParams:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if self.min_new_tokens:
+            kwargs["min_new_tokens"] = self.min_new_tokens
         return kwargs
 
 

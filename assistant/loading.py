@@ -85,9 +85,14 @@ def _capture(fn, *args):
         return error
 
 
+def base_of(base_model: str | None, info: dict) -> str:
+    """The base a chat model loads: the one given, else its adapter's (peft config `info`), else the embedded."""
+    return base_model or info.get("base_model_name_or_path") or EMBEDDED
+
+
 def _load(base_model: str | None, adapter: str | Path | None, precision: str) -> ChatModel:
     info = adapter_info(adapter) if adapter else {}
-    base = base_model or info.get("base_model_name_or_path") or EMBEDDED
+    base = base_of(base_model, info)
     chosen = pick_precision(precision, base=base)
     # The adapter folder carries the tokenizer and template it was trained with: serve exactly those.
     has_tokenizer = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()

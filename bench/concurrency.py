@@ -175,68 +175,52 @@ class Outcome:
     error: str | None = None
 
 
-def one_chat(
-    client,
-    message: str,
-    config: ConcurrencyConfig,
-    barrier: threading.Barrier,
-    start: list[float],
-    outcome: Outcome,
-) -> None:
-    """Send one chat when every thread is ready; poll its streamed outputs until done or the deadline."""
-    barrier.wait()
-    t0 = start[0]
-    job = None
-    try:
-        job = client.submit(message, api_name="/chat", max_new_tokens=config.max_new_tokens, temperature=0.0)
-        deadline = t0 + config.request_timeout
-        while not job.done():
-            outputs = job.outputs()
-            if outcome.ttft_s is None and outputs and outputs[-1]:
-                outcome.ttft_s = time.perf_counter() - t0
-            if time.perf_counter() > deadline:
-                job.cancel()
-                outcome.error = f"timed out after {config.request_timeout:.0f} s"
-                return
-            time.sleep(0.005)
-        outcome.end_s = time.perf_counter() - t0
+def one_chat(client, message: str, config: ConcurrencyConfig, t0: float, outcome: Outcome) -> None:
+    """One chat through `/chat` (gradio_client): poll its streamed outputs until done or the deadline."""
+    job = client.submit(message, api_name="/chat", max_new_tokens=config.max_new_tokens, temperature=0.0)
+    deadline = t0 + config.request_timeout
+    while not job.done():
         outputs = job.outputs()
-        outcome.reply = str(job.result(timeout=30) if not outputs else outputs[-1])
-        if outcome.ttft_s is None and outcome.reply:
-            outcome.ttft_s = outcome.end_s  # the whole reply arrived in one chunk
-        if not outcome.reply:
-            outcome.error = "empty reply"
-    except Exception as error:  # any client error is a failed request, reported
-        outcome.error = f"{type(error).__name__}: {error}"
+        if outcome.ttft_s is None and outputs and outputs[-1]:
+            outcome.ttft_s = time.perf_counter() - t0
+        if time.perf_counter() > deadline:
+            job.cancel()
+            outcome.error = f"timed out after {config.request_timeout:.0f} s"
+            return
+        time.sleep(0.005)
+    outcome.end_s = time.perf_counter() - t0
+    outputs = job.outputs()
+    outcome.reply = str(job.result(timeout=30) if not outputs else outputs[-1])
+    if outcome.ttft_s is None and outcome.reply:
+        outcome.ttft_s = outcome.end_s  # the whole reply arrived in one chunk
 
 
-def one_api_chat(
-    client,
-    message: str,
-    config: ConcurrencyConfig,
-    barrier: threading.Barrier,
-    start: list[float],
-    outcome: Outcome,
-) -> None:
+def one_api_chat(client, message: str, config: ConcurrencyConfig, t0: float, outcome: Outcome) -> None:
     """The same chat through the OpenAI-compatible API (streamed, `openai` SDK)."""
+    stream = client.chat.completions.create(
+        model="base",
+        messages=[{"role": "user", "content": message}],
+        stream=True,
+        max_tokens=config.max_new_tokens,
+        temperature=0.0,
+        timeout=config.request_timeout,
+    )
+    for chunk in stream:
+        piece = chunk.choices[0].delta.content if chunk.choices else None
+        if piece:
+            outcome.ttft_s = outcome.ttft_s or time.perf_counter() - t0
+            outcome.reply += piece
+    outcome.end_s = time.perf_counter() - t0
+
+
+def timed_chat(
+    send, client, message: str, config: ConcurrencyConfig, barrier, start: list[float], outcome
+) -> None:
+    """Send one chat with `send` when every thread is ready; any client error is a failed request, reported."""
     barrier.wait()
-    t0 = start[0]
     try:
-        stream = client.chat.completions.create(
-            model="base",
-            messages=[{"role": "user", "content": message}],
-            stream=True,
-            max_tokens=config.max_new_tokens,
-            temperature=0.0,
-            timeout=config.request_timeout,
-        )
-        for chunk in stream:
-            piece = chunk.choices[0].delta.content if chunk.choices else None
-            if piece:
-                outcome.ttft_s = outcome.ttft_s or time.perf_counter() - t0
-                outcome.reply += piece
-        outcome.end_s = time.perf_counter() - t0
-        if not outcome.reply:
+        send(client, message, config, start[0], outcome)
+        if outcome.error is None and not outcome.reply:
             outcome.error = "empty reply"
     except Exception as error:  # any client error is a failed request, reported
         outcome.error = f"{type(error).__name__}: {error}"
@@ -260,8 +244,16 @@ def run_level(url: str, n: int, config: ConcurrencyConfig, count_tokens, api: bo
     barrier = threading.Barrier(n + 1)
     threads = [
         threading.Thread(
-            target=one_api_chat if api else one_chat,
-            args=(clients[i], outcomes[i].message, config, barrier, start, outcomes[i]),
+            target=timed_chat,
+            args=(
+                one_api_chat if api else one_chat,
+                clients[i],
+                outcomes[i].message,
+                config,
+                barrier,
+                start,
+                outcomes[i],
+            ),
             daemon=True,
         )
         for i in range(n)

@@ -88,13 +88,9 @@ def forced_params(max_new_tokens: int):
     """GenerationParams for greedy decoding of exactly `max_new_tokens` tokens, as the app's stream_reply takes."""
     from assistant.generation import GenerationParams
 
-    class ForcedLength(GenerationParams):
-        """Greedy, no repetition penalty, EOS suppressed until the length is reached."""
-
-        def generate_kwargs(self) -> dict:
-            return {**super().generate_kwargs(), "min_new_tokens": self.max_new_tokens}
-
-    return ForcedLength(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
+    return GenerationParams(
+        max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0
+    )
 
 
 def time_stream(pieces, tokenizer, total: int, start: float) -> dict:

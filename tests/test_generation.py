@@ -146,17 +146,14 @@ def test_registry_loads_lazily_and_caches(lora_adapter):
         registry.get("nope")
 
 
-class ForcedLength(GenerationParams):
-    """Greedy, exactly max_new_tokens tokens (no early end of turn)."""
-
-    def generate_kwargs(self) -> dict:
-        return {**super().generate_kwargs(), "min_new_tokens": self.max_new_tokens}
+def forced(tokens: int) -> GenerationParams:
+    """Greedy, exactly `tokens` tokens (no early end of turn)."""
+    return GenerationParams(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0.0, repetition_penalty=1.0)
 
 
 def submit(chat: ChatModel, text: str, max_new_tokens: int) -> Request:
     ids = encode_prompt(chat.tokenizer, [{"role": "user", "content": text}])
-    params = ForcedLength(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
-    return engine_for(chat).submit(Request(ids, params, True, threading.Event()))
+    return engine_for(chat).submit(Request(ids, forced(max_new_tokens), True, threading.Event()))
 
 
 def drain(request: Request) -> list[int]:
@@ -186,7 +183,7 @@ def test_a_late_request_joins_the_running_batch(chat):
 
 
 def test_updates_come_at_most_ten_times_a_second_and_end_with_the_whole_reply(chat):
-    params = ForcedLength(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
+    params = forced(40)
     messages = [{"role": "user", "content": "Describe a harbour at dawn."}]
     times, texts = [], []
     for text in stream_reply(chat, messages, params):

@@ -103,10 +103,7 @@ def build_model(config, tokenizer):
     from train.dropout import use_fast_dropout
     from train.trainer import peft_config
 
-    precision = pick_precision(
-        "8bit" if config.load_in_8bit else "4bit" if config.load_in_4bit else config.precision,
-        for_training=True,
-    )
+    precision = training_precision(config)
     model = load_base_model(config.base_model, precision)
     if config.method == "lora":  # LoRA batches are packed rows (train.collate)
         use_packed_attention(model)

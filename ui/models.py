@@ -7,9 +7,8 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from assistant.embedded import EMBEDDED
 from assistant.generation import GenerationParams, stream_reply
-from assistant.loading import ChatModel, adapter_info, load_chat_model
+from assistant.loading import ChatModel, adapter_info, base_of, load_chat_model
 from assistant.models import pick_precision
 
 logger = logging.getLogger(__name__)
@@ -70,10 +69,8 @@ class ModelRegistry:
             raise KeyError(f"unknown adapter {choice!r}; choose one of {', '.join(self.choices)}")
         with self._lock:
             if choice not in self._models:
-                adapter = self.adapters.get(choice)
-                base = self.base_model if adapter else (self.base_model or EMBEDDED)
                 logger.info("loading %s", choice)
-                self._models[choice] = load_chat_model(base, adapter, self.precision)
+                self._models[choice] = load_chat_model(self.base_model, self.adapters.get(choice), self.precision)
             return self._models[choice]
 
     def stream(self, choice: str | None, messages: list[dict[str, str]], params: GenerationParams, *,
@@ -90,5 +87,5 @@ class ModelRegistry:
         if chat is not None:
             return chat.describe()
         adapter = self.adapters.get(choice)
-        base = self.base_model or (adapter_info(adapter).get("base_model_name_or_path") if adapter else EMBEDDED)
+        base = base_of(self.base_model, adapter_info(adapter) if adapter else {})
         return f"{choice}: loads on first use ({pick_precision(self.precision, base=base).describe()})"
