@@ -29,6 +29,21 @@ def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return _ids(tokenizer, render_chat(tokenizer, messages, add_generation_prompt=True))
 
 
+def template_default_system(tokenizer) -> str | None:
+    """The system text the chat template writes into a chat that has no system message (None: it writes none).
+
+    Found by rendering a chat with a marker system message and without one; returned only when a chat
+    with this text as its system message renders exactly like the chat without one.
+    """
+    marker, user = "\u2062SYSTEM\u2062", [{"role": "user", "content": "\u2063"}]
+    bare = render_chat(tokenizer, user)
+    head, found, tail = render_chat(tokenizer, [{"role": "system", "content": marker}, *user]).partition(marker)
+    if not found or len(head) + len(tail) > len(bare) or not (bare.startswith(head) and bare.endswith(tail)):
+        return None
+    text = bare[len(head) : len(bare) - len(tail)]
+    return text if render_chat(tokenizer, [{"role": "system", "content": text}, *user]) == bare else None
+
+
 def _ids(tokenizer, text: str) -> list[int]:
     # The template already wrote every special token; adding BOS again would shift the prefixes.
     return tokenizer(text, add_special_tokens=False)["input_ids"]

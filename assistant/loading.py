@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from assistant.adapters import TrainedPrompt, adapter_info, method_of, trained_prompt
 from assistant.embedded import EMBEDDED
 from assistant.models import Precision, load_base_model, load_tokenizer, pick_precision
 
@@ -27,6 +27,7 @@ class ChatModel:
     # One generation at a time per model: peft's disable_adapter() (compare mode) mutates the model.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     engine: object = field(default=None, repr=False)  # its BatchEngine, started on first reply
+    trained_prompt: TrainedPrompt | None = None  # the system prompt the adapter was trained with
 
     def describe(self) -> str:
         """Human summary for the log and the UI."""
@@ -39,22 +40,6 @@ class ChatModel:
     def context_window(self) -> int:
         """Tokens the model attends over (prompt + reply)."""
         return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
-
-
-def adapter_info(adapter: str | Path) -> dict:
-    """The adapter folder's peft config, with a clear error when the folder is not an adapter."""
-    config = Path(adapter) / "adapter_config.json"
-    if not config.is_file():
-        raise FileNotFoundError(
-            f"{adapter}: not an adapter folder (no adapter_config.json); train one with train.sft"
-        )
-    return json.loads(config.read_text())
-
-
-def method_of(info: dict) -> str:
-    """'lora' or 'prefix' from a peft config dict."""
-    kind = str(info.get("peft_type", "")).upper()
-    return {"LORA": "lora", "PREFIX_TUNING": "prefix"}.get(kind, kind.lower())
 
 
 def load_chat_model(
@@ -109,6 +94,8 @@ def _load(base_model: str | None, adapter: str | Path | None, precision: str) ->
 
         quantize_for_cpu(model)
     model.eval()
-    chat = ChatModel(model, tokenizer, base, chosen, str(adapter) if adapter else None, method)
+    chat = ChatModel(
+        model, tokenizer, base, chosen, str(adapter) if adapter else None, method, trained_prompt=trained_prompt(adapter)
+    )
     logger.info("chat model ready: %s", chat.describe())
     return chat

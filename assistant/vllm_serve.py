@@ -16,8 +16,8 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from assistant.adapters import adapter_info, method_of
 from assistant.embedded import EMBEDDED, embedded_model_dir
-from assistant.loading import adapter_info, method_of
 
 # vLLM's --max-lora-rank accepts these values only.
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)

@@ -1,4 +1,5 @@
-"""`python -m bench.trl_worker`: one TRL SFTTrainer + LoRA run for bench.train_speed; prints one JSON line."""
+"""`python -m bench.trl_worker`: one TRL SFTTrainer + LoRA run for bench.train_speed and bench.quality;
+prints one JSON line."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ class TRLRunConfig:
             "choices": ["default", "tuned"],
         },
     )
-    max_steps: int = field(default=25, metadata={"help": "Optimizer steps."})
+    max_steps: int = field(default=25, metadata={"help": "Optimizer steps (<= 0: --epochs)."})
+    epochs: float = field(default=1.0, metadata={"help": "Passes over the data when --max-steps <= 0."})
     batch_size: int = field(default=8, metadata={"help": "Examples per step."})
     max_length: int = field(default=512, metadata={"help": "Token cap per example."})
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (tuned mode only)."})
@@ -85,7 +87,9 @@ def train(config: TRLRunConfig) -> dict:
     rows = prompt_completion_rows(config.train_file)
     common = dict(
         output_dir=config.output_dir,
-        max_steps=config.max_steps,
+        # transformers trains for num_train_epochs when max_steps is -1.
+        max_steps=config.max_steps if config.max_steps > 0 else -1,
+        num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size,
         max_length=config.max_length,
         completion_only_loss=True,

@@ -32,6 +32,9 @@ REQUIRED = {
     ],
     "concurrency": ["tok_s_1", "tok_s_4", "tok_s_8", "ratio_8_vs_1", "p95_ttft_s_8", "failures",
                     "api_tok_s_1", "api_tok_s_8", "api_failures"],
+    # ROUGE-L may be 0 for 8-token replies: test_quality_quick checks its range instead.
+    "quality": ["perplexity_ours", "perplexity_trl", "perplexity_base", "wall_s_ours", "wall_s_trl",
+                "peak_mb_ours", "peak_mb_trl"],
 }
 # Keys that may be null in a quick run: the default-TRL run is skipped, llama.cpp needs its own venv.
 OPTIONAL = {"tokens_per_s_trl_default", "decode_tok_s_llamacpp", "ratio_vs_llamacpp"}
@@ -90,3 +93,26 @@ def test_concurrency_quick(tmp_path: Path) -> None:
     final, saved, _ = run_quick("concurrency", tmp_path, timeout=600)
     check_final("concurrency", final)
     assert set(saved["levels"]) == set(saved["api_levels"]) == {"1", "4", "8"}
+
+
+@pytest.mark.slow
+def test_quality_quick(tmp_path: Path) -> None:
+    final, saved, stdout = run_quick("quality", tmp_path, timeout=900)
+    check_final("quality", final)
+    assert saved["final"] == final
+    runs = saved["runs"]
+    assert set(runs) == {"ours", "trl", "base"}
+    for name, run in runs.items():
+        for key in ("rouge_l", "perplexity", "bleu"):
+            assert isinstance(run[key], int | float) and not isinstance(run[key], bool), (name, key, run[key])
+        assert 0 <= run["rouge_l"] <= 1 and 0 <= run["bleu"] <= 100, (name, run["rouge_l"], run["bleu"])
+        # SmolLM2-135M-Instruct on STAR replies: far from 1 (memorised) and from the vocabulary size (random).
+        assert 1.5 < run["perplexity"] < 1000, (name, run["perplexity"])
+        assert [type(r["reply"]) for r in run["replies"]] == [str, str], name
+    assert runs["ours"]["steps"] == runs["trl"]["steps"] == 2
+    # Each adapter was loaded for scoring: 2 steps at lr 5e-3 move the reference perplexity off the base's.
+    assert runs["ours"]["perplexity"] != runs["base"]["perplexity"]
+    assert runs["trl"]["perplexity"] != runs["base"]["perplexity"]
+    assert final["rouge_l_ours_minus_trl"] == round(final["rouge_l_ours"] - final["rouge_l_trl"], 4)
+    assert final["cpu"] and "ROUGE-L ours - TRL" in stdout
+    assert (tmp_path / "quality.png").is_file()

@@ -205,3 +205,31 @@ def test_a_joined_batch_continues_exactly_where_each_reply_was():
     assert drain(submit(exact, colour, 8)) == solo_colour
     assert not first.done  # the colour reply was generated inside the story's batch
     assert head + drain(first) == solo_story
+
+
+EXIT_SCRIPT = """
+import atexit, os, threading
+
+@atexit.register  # registered first, so it runs after every handler the imports below register
+def engine_threads_ended():
+    alive = [t.name for t in threading.enumerate() if t.name == "batch-engine" and t.is_alive()]
+    if alive:
+        print("alive at exit:", alive, flush=True)
+        os._exit(3)
+
+from assistant.generation import GenerationParams, complete_reply
+from assistant.loading import load_chat_model
+chat = load_chat_model(precision="fp32")
+print(complete_reply(chat, [{"role": "user", "content": "hi"}], GenerationParams(max_new_tokens=2, temperature=0)))
+"""
+
+
+def test_a_process_that_generated_ends_its_engine_thread_at_exit():
+    """A torch thread still alive at interpreter teardown aborted ~1 exit in 3 (code 134) after the work was done."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-500:] + done.stderr[-2000:]

@@ -5,11 +5,18 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from assistant.adapters import TrainedPrompt
 from assistant.chat_format import IGNORE_INDEX, TemplateError
 from assistant.embedded import EMBEDDED
 from assistant.models import load_tokenizer
 from train.cli import parse_with_positional
-from train.features import Features, encode_examples
+from train.features import (
+    Features,
+    encode_examples,
+    read_system_prompt,
+    trained_prompt_of,
+    with_system_prompt,
+)
 from train.records import DataError, load_examples
 
 
@@ -20,6 +27,9 @@ class CheckConfig:
     data: str | None = field(default=None, metadata={"help": "Dialogue file to check (positional)."})
     base_model: str = field(
         default=EMBEDDED, metadata={"help": "Model whose tokenizer and chat template to use."}
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System prompt for rows that have none (TEXT or @FILE), as in train.sft."}
     )
     max_length: int = field(default=1024, metadata={"help": "Tokens per example, as in train.sft."})
     example: int = field(default=0, metadata={"help": "Index of the example to show rendered."})
@@ -41,7 +51,9 @@ def mark_trained(tokenizer, item: dict) -> str:
     return "".join(out)
 
 
-def report(config: CheckConfig, features: Features, formats, warnings: list[str], tokenizer) -> list[str]:
+def report(
+    config: CheckConfig, features: Features, formats, warnings: list[str], tokenizer, prompt: TrainedPrompt
+) -> list[str]:
     """Lines of the doctor's report."""
     stats = features.length_stats()
     lines = [
@@ -50,6 +62,7 @@ def report(config: CheckConfig, features: Features, formats, warnings: list[str]
         f"examples: {len(features.items)} trainable, {len(features.dropped)} dropped, {len(features.truncated)} truncated",
         f"tokens: {features.tokens} total, {features.trained_tokens} trained; per example min {stats['min']}, "
         f"mean {stats['mean']}, p95 {stats['p95']}, max {stats['max']} (--max-length {config.max_length})",
+        f"system prompt trained: {prompt.describe()}",
     ]
     lines += [f"warning: {w}" for w in warnings]
     lines += [f"truncated: {s}" for s in features.truncated] + [f"dropped: {s}" for s in features.dropped]
@@ -66,11 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = load_examples(config.data)
         tokenizer = load_tokenizer(config.base_model)
-        features = encode_examples(tokenizer, loaded.examples, config.max_length)
-    except (DataError, TemplateError) as error:
+        system = read_system_prompt(config.system_prompt)
+        prompt = trained_prompt_of(tokenizer, loaded.examples, system)
+        features = encode_examples(tokenizer, with_system_prompt(loaded.examples, system), config.max_length)
+    except (DataError, TemplateError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print("\n".join(report(config, features, loaded.formats, loaded.warnings, tokenizer)))
+    print("\n".join(report(config, features, loaded.formats, loaded.warnings, tokenizer, prompt)))
     if not features.items:
         print("error: no example can be trained on", file=sys.stderr)
         return 1

@@ -7,17 +7,19 @@ import logging
 import math
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from assistant.adapters import TrainedPrompt, with_system
 from assistant.chat_format import encode_chat
 from assistant.generation import GenerationParams, complete_reply
 from assistant.loading import ChatModel, load_chat_model
 from assistant.logs import configure
 from train.cli import parse_with_positional
+from train.features import read_system_prompt
 from train.records import Example, load_examples
 from train.trainer import masked_nll
 
@@ -42,6 +44,11 @@ class EvalConfig:
     max_length: int = field(default=1024, metadata={"help": "Token cap per example for perplexity."})
     precision: str = field(
         default="fp32", metadata={"help": "Weights' precision: fp32 (exact perplexity), bf16, auto."}
+    )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "Serve rows without a system message with this prompt (TEXT or @FILE) instead of "
+                          "the one the adapter was trained with."},
     )
     output: str = field(default="eval_results.json", metadata={"help": "Where to write the JSON results."})
 
@@ -73,8 +80,14 @@ def score(
     max_new_tokens: int = 64,
     max_length: int = 1024,
     desc: str = "eval",
+    system: TrainedPrompt | None = None,
 ) -> dict:
-    """Perplexity over assistant tokens, ROUGE-L F1 and corpus BLEU of greedy replies, per-row replies."""
+    """Perplexity over assistant tokens, ROUGE-L F1 and corpus BLEU of greedy replies, per-row replies.
+
+    Rows are served as the app serves them: a row without a system message gets `system`, by default
+    the adapter's trained system prompt (the base model, adapter off, gets the same conversation).
+    """
+    system = system or chat.trained_prompt
 
     import sacrebleu
     from rouge_score import rouge_scorer
@@ -83,6 +96,7 @@ def score(
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     nll, tokens, results = 0.0, 0, []
     for example in tqdm(rows, desc=desc, unit="row"):
+        example = replace(example, messages=with_system(example.messages, system))
         prompt, reference = split_reference(example)
         # The model's lock: the generation engine may be inside disable_adapter() on its own thread.
         with chat.lock, chat.model.disable_adapter() if chat.adapter and not use_adapter else nullcontext():
@@ -116,6 +130,8 @@ def evaluate(config: EvalConfig) -> dict[str, dict]:
     rows = rows[: config.max_rows] if config.max_rows else rows
     chat = load_chat_model(config.base_model, adapter=config.adapter, precision=config.precision)
     kwargs = {"max_new_tokens": config.max_new_tokens, "max_length": config.max_length}
+    if config.system_prompt is not None:
+        kwargs["system"] = TrainedPrompt(read_system_prompt(config.system_prompt), "--system-prompt")
     results = {"base": score(chat, rows, use_adapter=False, desc="base", **kwargs)}
     if config.adapter:
         results["adapter"] = score(chat, rows, desc="adapter", **kwargs)

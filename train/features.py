@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import random
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
-from assistant.chat_format import encode_chat
+from assistant.adapters import TrainedPrompt, summarize_prompts
+from assistant.chat_format import encode_chat, template_default_system
 from train.records import Example
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,34 @@ def encode_examples(tokenizer, examples: list[Example], max_length: int) -> Feat
             {"input_ids": encoded.input_ids, "labels": encoded.labels, "source": example.source}
         )
     return features
+
+
+def read_system_prompt(value: str | None) -> str | None:
+    """--system-prompt: the text itself, or @FILE for a file's text (None when not given)."""
+    if value is None:
+        return None
+    if value.startswith("@"):
+        return Path(value[1:]).read_text(encoding="utf-8").strip()
+    return value
+
+
+def with_system_prompt(examples: list[Example], system: str | None) -> list[Example]:
+    """Examples with `system` as the system message of every row that has none (unchanged when None)."""
+    if system is None:
+        return examples
+    return [
+        e if e.messages[0]["role"] == "system"
+        else replace(e, messages=[{"role": "system", "content": system}, *e.messages])
+        for e in examples
+    ]
+
+
+def trained_prompt_of(tokenizer, rows: list[Example], system: str | None) -> TrainedPrompt:
+    """The system prompt `rows` are trained under: their own, else `system`, else the template's default."""
+    own = [m[0]["content"] if m and m[0]["role"] == "system" else None for m in (r.messages for r in rows)]
+    if system is not None:
+        return summarize_prompts(own, system, "--system-prompt")
+    return summarize_prompts(own, template_default_system(tokenizer), "template default")
 
 
 def split_validation(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from assistant.loading import adapter_info, load_chat_model, method_of
+from assistant.adapters import PROMPT_FILE, adapter_info, method_of
+from assistant.loading import load_chat_model
 from assistant.logs import configure
 from train.cli import parse_with_positional
 
@@ -31,8 +33,24 @@ class MergeConfig:
     )
 
 
+MERGE_RECORD = "merged_from.json"  # marks a folder train.merge wrote (so a new merge may replace it)
+
+
+def check_output_dir(target: Path) -> None:
+    """Refuse to replace anything but an empty folder or a model train.merge wrote."""
+    if target.exists() and (
+        not target.is_dir() or (any(target.iterdir()) and not (target / MERGE_RECORD).is_file())
+    ):
+        raise ValueError(
+            f"--output-dir {target}: exists and is not a model written by train.merge (no {MERGE_RECORD}); "
+            "choose another --output-dir or move it away"
+        )
+
+
 def merge(config: MergeConfig) -> Path:
     """Merge and save; the folder appears only when complete."""
+    target = Path(config.output_dir)
+    check_output_dir(target)
     if method_of(adapter_info(config.adapter)) != "lora":
         raise ValueError(
             f"{config.adapter}: only LoRA adapters can be merged; prefix tuning has no weights to fold in"
@@ -41,11 +59,14 @@ def merge(config: MergeConfig) -> Path:
         raise ValueError(f"--precision must be fp32, bf16 or fp16 for a merged folder, got {config.precision!r}")
     chat = load_chat_model(config.base_model, adapter=config.adapter, precision=config.precision)
     merged = chat.model.merge_and_unload()
-    target = Path(config.output_dir)
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     merged.save_pretrained(staging)
     chat.tokenizer.save_pretrained(staging)
+    record = {"adapter": str(Path(config.adapter).resolve()), "base_model": chat.base_model}
+    (staging / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    if (Path(config.adapter) / PROMPT_FILE).is_file():  # the system prompt it was trained with goes along
+        shutil.copy2(Path(config.adapter) / PROMPT_FILE, staging / PROMPT_FILE)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target
@@ -58,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_with_positional(
         MergeConfig, argv, "adapter", "python -m train.merge ADAPTER --output-dir DIR"
     )
-    print(f"merged model written to {merge(config)}")
+    try:
+        print(f"merged model written to {merge(config)}")
+    except (OSError, ValueError) as error:  # not an adapter, not LoRA, a foreign --output-dir
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from assistant.adapters import TrainedPrompt, write_trained_prompt, written_by_trainer
 from assistant.chat_format import TemplateError
 from assistant.models import device, load_base_model, load_tokenizer, pick_precision
-from train.features import Features, encode_examples, split_validation
+from train.features import (
+    Features,
+    encode_examples,
+    read_system_prompt,
+    split_validation,
+    trained_prompt_of,
+    with_system_prompt,
+)
 from train.records import DataError, Example, load_examples
 
 logger = logging.getLogger(__name__)
@@ -30,6 +37,7 @@ class PreparedData:
     valid: Features
     probe_rows: list[Example]  # validation rows (training rows when there are none), for probes
     warnings: list[str]
+    prompt: TrainedPrompt  # the system prompt the rows are trained under, recorded in the adapter
 
 
 def prepare_data(config) -> PreparedData:
@@ -46,6 +54,13 @@ def prepare_data(config) -> PreparedData:
         train_rows, valid_rows = split_validation(loaded.examples, config.valid_fraction, config.seed)
     tokenizer = load_tokenizer(config.base_model)
     try:
+        system = read_system_prompt(config.system_prompt)
+    except OSError as error:
+        raise InputError(f"--system-prompt: {error}") from error
+    prompt = trained_prompt_of(tokenizer, train_rows, system)
+    # Rows without a system message get --system-prompt; without it the template writes its own default.
+    train_rows, valid_rows = with_system_prompt(train_rows, system), with_system_prompt(valid_rows, system)
+    try:
         train, valid = (
             encode_examples(tokenizer, rows, config.max_length) for rows in (train_rows, valid_rows)
         )
@@ -55,7 +70,20 @@ def prepare_data(config) -> PreparedData:
         raise InputError(
             f"{config.data}: no example has an assistant reply within --max-length {config.max_length}"
         )
-    return PreparedData(tokenizer, train, valid, valid_rows or train_rows, warnings)
+    return PreparedData(tokenizer, train, valid, valid_rows or train_rows, warnings, prompt)
+
+
+def check_output_dir(config) -> Path:
+    """The adapter folder to write; refuse to replace anything but an adapter train.sft published."""
+    target = Path(config.output_dir)
+    if target.exists() and not target.is_dir():
+        raise InputError(f"--output-dir {target}: is a file; choose a folder name")
+    if target.is_dir() and any(target.iterdir()) and not written_by_trainer(target):
+        raise InputError(
+            f"--output-dir {target}: the folder exists and is not an adapter written by train.sft "
+            "(no adapter_config.json + training_report.json); choose another --output-dir or move it away"
+        )
+    return target
 
 
 def _step(checkpoint: Path) -> int:
@@ -63,25 +91,25 @@ def _step(checkpoint: Path) -> int:
 
 
 def checkpoint_to_resume(config) -> str | None:
-    """Newest complete checkpoint when resuming; refuse to silently overwrite an earlier run."""
+    """Newest complete checkpoint when resuming; refuse to silently discard a complete one."""
     folder = config.checkpoint_dir
     found = sorted(folder.glob("checkpoint-*"), key=_step) if folder.is_dir() else []
     # A checkpoint is complete once trainer_state.json is written (last).
     complete = [p for p in found if (p / "trainer_state.json").is_file()]
-    if config.resume:
-        if not complete:
-            raise InputError(f"{folder}: no complete checkpoint to resume from; run without --resume")
+    if config.resume and complete:
         for partial in found:  # a kill mid-save leaves a later, partial checkpoint: drop it
             if partial not in complete and _step(partial) > _step(complete[-1]):
                 shutil.rmtree(partial)
         logger.info("resuming from %s", complete[-1])
         return str(complete[-1])
-    if folder.is_dir() and any(folder.iterdir()):
-        if not config.overwrite:
-            raise InputError(
-                f"{folder}: checkpoints of an earlier run exist; pass --resume to continue it or --overwrite to start over"
-            )
-        shutil.rmtree(folder)
+    if complete and not config.overwrite:
+        raise InputError(
+            f"{folder}: checkpoints of an earlier run exist; pass --resume to continue it or --overwrite to start over"
+        )
+    if config.resume:
+        logger.warning("%s: no complete checkpoint (the run stopped before its first); starting at step 0", folder)
+    # Nothing to resume (or --overwrite): what is left of an earlier run goes.
+    shutil.rmtree(folder, ignore_errors=True)
     return None
 
 
@@ -95,9 +123,10 @@ def training_precision(config):
         raise InputError(f"{flag}: {error}") from error
 
 
-def build_model(config, tokenizer):
+def build_model(config, tokenizer, train: Features):
     """Base model with a fresh LoRA or prefix adapter, plus a copy of the initial trainable weights."""
     from peft import get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
+    from transformers import set_seed
 
     from train.attention import use_packed_attention
     from train.dropout import use_fast_dropout
@@ -110,6 +139,7 @@ def build_model(config, tokenizer):
     if precision.bits:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.config.pad_token_id = tokenizer.pad_token_id
+    set_seed(config.seed)  # --seed fixes the adapter's initial weights too: same seed and data, same adapter
     model = get_peft_model(
         model,
         peft_config(
@@ -122,9 +152,36 @@ def build_model(config, tokenizer):
             virtual_tokens=config.virtual_tokens,
         ),
     )
+    if config.method == "prefix":
+        init_prefix_from_text(model, train)
     use_fast_dropout(model)
     initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     return model, precision, initial
+
+
+def init_prefix_from_text(model, train: Features) -> None:
+    """Start the prefix as the base model's own keys/values of the start of a training conversation.
+
+    A random prefix first breaks the model (validation loss far above the base's) and short runs never
+    recover; the keys/values of real text (the trained system prompt opens every rendered conversation)
+    leave the model's replies as they were, so training starts from the base model's loss.
+    """
+    import torch
+    from peft import initialize_kv_prefix_from_past_key_values
+
+    virtual = model.peft_config["default"].num_virtual_tokens
+    ids: list[int] = []
+    for item in train.items:  # conversations are short only in toy data; join a few when needed
+        ids += item["input_ids"]
+        if len(ids) >= virtual:
+            break
+    if len(ids) < virtual:
+        raise InputError(f"--virtual-tokens {virtual}: the training data has only {len(ids)} tokens")
+    device = next(model.parameters()).device
+    with torch.no_grad(), model.disable_adapter():
+        cache = model(input_ids=torch.tensor([ids[:virtual]], device=device), use_cache=True).past_key_values
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    initialize_kv_prefix_from_past_key_values(model, past_key_values=kv)
 
 
 def training_arguments(config, train: Features, has_valid: bool, precision):
@@ -175,20 +232,30 @@ def training_arguments(config, train: Features, has_valid: bool, precision):
     )
 
 
-def publish(staging: Path, target: Path) -> None:
-    """Move a complete adapter folder into place; the old one is kept until the new one is there."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
+def publish(staging: Path, target: Path, aside: Path) -> None:
+    """Move a complete adapter folder into place; the old one waits in `aside` until the new one is there."""
+    shutil.rmtree(aside, ignore_errors=True)
     if target.exists():
-        target.rename(old)
+        target.rename(aside)
     staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def base_eval_loss(trainer, model) -> float | None:
+    """Validation loss of the untrained base model (adapter off), measured before training."""
+    if trainer.eval_dataset is None:
+        return None
+    with model.disable_adapter():
+        loss = trainer.evaluate(metric_key_prefix="base")["base_loss"]
+    logger.info("base model: validation loss %.4f before training", loss)
+    return loss
 
 
 def run(config) -> str:
     """Train, save, check and publish the adapter; returns the one-line result."""
     from transformers import EarlyStoppingCallback
 
+    from train.budget import TimeBudget
     from train.collate import ChatCollator
     from train.report import loss_curves, perplexity, plot_loss, write_report
     from train.trainer import ChatTrainer
@@ -196,13 +263,15 @@ def run(config) -> str:
 
     started = time.time()
     training_precision(config)  # fail on impossible options before reading any data
+    target = check_output_dir(config)
     data = prepare_data(config)
     tokenizer, train, valid = data.tokenizer, data.train, data.valid
     logger.info(
         "data: %d train / %d valid examples, %d tokens", len(train.items), len(valid.items), train.tokens
     )
+    logger.info("system prompt trained: %s", data.prompt.describe())
     resume_from = checkpoint_to_resume(config)
-    model, precision, initial = build_model(config, tokenizer)
+    model, precision, initial = build_model(config, tokenizer, train)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(
         "%s: %d trainable parameters (%.2f%% of %d)", config.method, trainable, 100 * trainable / total, total
@@ -222,21 +291,29 @@ def run(config) -> str:
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    eval_started = time.time()
+    base_loss = base_eval_loss(trainer, model)
+    if config.time_budget > 0:
+        trainer.add_callback(
+            TimeBudget(config.time_budget * 60, started, eval_seconds=time.time() - eval_started)
+        )
+    trainer.eval_seconds = 0.0  # the base evaluation is not part of training time
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = trainer.evaluate() if valid.items else {}
     train_seconds = result.metrics["train_runtime"] - trainer.eval_seconds + metrics.get("eval_runtime", 0)
 
-    target = Path(config.output_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    # Staged beside the checkpoints, never inside the folder the app lists: a kill leaves nothing there.
+    staging = config.checkpoint_dir / "adapter.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         model.peft_config["default"].base_model_name_or_path = config.base_model
         # The embedding is frozen; "auto" would look the base model up on the Hub to decide.
         model.save_pretrained(staging, save_embedding_layers=False)
         tokenizer.save_pretrained(staging)
+        write_trained_prompt(staging, data.prompt)
         curves = loss_curves(trainer.state.log_history)
-        plot_loss(curves, staging / "loss.png", f"{config.method} on {Path(config.data).name}")
+        plot_loss(curves, staging / "loss.png", f"{config.method} on {Path(config.data).name}", base_loss)
         checks = verify_adapter(
             staging, config.base_model, initial, data.probe_rows[: config.probes], config.probe_tokens
         )
@@ -247,9 +324,11 @@ def run(config) -> str:
             "precision": precision.describe(),
             "config": asdict(config),
             "data": {"train": train.summary(), "valid": valid.summary(), "warnings": data.warnings},
+            "system_prompt": asdict(data.prompt),
             "steps": trainer.state.global_step,
             "epochs": round(trainer.state.epoch or 0, 3),
             "train_loss": result.metrics.get("train_loss"),
+            "base_eval_loss": base_loss,
             "eval_loss": eval_loss,
             "eval_perplexity": perplexity(eval_loss),
             "best_checkpoint": trainer.state.best_model_checkpoint,
@@ -259,13 +338,14 @@ def run(config) -> str:
             "loss_curves": curves,
             **checks,
         }
-        write_report(staging, report)
-        publish(staging, target)
+        write_report(staging, report)  # written last: a folder with a report is a complete adapter
+        publish(staging, target, config.checkpoint_dir / "previous.partial")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     ppl = report["eval_perplexity"]
+    gained = "" if base_loss is None or eval_loss is None else f" (base {round(base_loss, 4)})"
     return (
         f"adapter written to {target}: {config.method}, {report['steps']} steps, eval loss "
-        f"{eval_loss if eval_loss is None else round(eval_loss, 4)}, perplexity {ppl}, "
+        f"{eval_loss if eval_loss is None else round(eval_loss, 4)}{gained}, perplexity {ppl}, "
         f"{report['tokens_per_second']} tokens/s, {report['wall_seconds']} s"
     )

@@ -19,8 +19,10 @@ def loss_curves(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return {name: sorted(points.items()) for name, points in curves.items()}
 
 
-def plot_loss(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
-    """Write the train/eval loss curves as a PNG."""
+def plot_loss(
+    curves: dict[str, list[tuple[int, float]]], path: Path, title: str, base_loss: float | None = None
+) -> None:
+    """Write the train/eval loss curves as a PNG, with the untrained model's validation loss for scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,6 +32,8 @@ def plot_loss(curves: dict[str, list[tuple[int, float]]], path: Path, title: str
     for name, points in curves.items():
         if points:
             ax.plot(*zip(*points), marker="o" if name == "eval" else None, label=f"{name} loss")
+    if base_loss is not None:
+        ax.axhline(base_loss, color="gray", linestyle="--", label="base model (eval)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)

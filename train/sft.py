@@ -57,6 +57,13 @@ class SFTConfig:
     load_in_4bit: bool = field(
         default=False, metadata=_help("QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only).")
     )
+    system_prompt: str | None = field(
+        default=None,
+        metadata=_help(
+            "System prompt for rows that have none: TEXT or @FILE. Unset, such rows get the chat template's "
+            "default. The adapter records the prompt it was trained under and the app serves it."
+        ),
+    )
     max_length: int = field(
         default=1024,
         metadata=_help("Tokens per example; longer ones are truncated (or dropped if no reply fits)."),
@@ -86,6 +93,13 @@ class SFTConfig:
     )
     use_dora: bool = field(default=False, metadata=_help("Weight-decomposed LoRA (DoRA)."))
     virtual_tokens: int = field(default=20, metadata=_help("Prefix tuning: number of virtual tokens."))
+    time_budget: float = field(
+        default=0.0,
+        metadata=_help(
+            "Minutes the whole run may take: the number of steps is planned from the speed of the first "
+            "steps (at most --epochs / --max-steps) and the best checkpoint is kept. 0 = no budget."
+        ),
+    )
     save_steps: int | None = field(
         default=None, metadata=_help("Checkpoint and evaluate every N steps; default: about 5 times per run.")
     )

@@ -24,14 +24,13 @@ import gradio as gr
 from assistant.batching import MAX_BATCH
 from assistant.generation import GenerationParams
 from ui.config import ChatConfig
-from ui.handlers import EMPTY_STORE, Handlers, pick_prompt, save, status_text, toggle_compare
+from ui.handlers import EMPTY_STORE, Handlers, save, status_text, toggle_compare
 from ui.models import ModelRegistry, adapter_choices
-from ui.prompts import DEFAULT_PROMPT, list_prompts
+from ui.prompts import CUSTOM_PROMPT
 from ui.stopping import StopSignals
 
 logger = logging.getLogger(__name__)
 
-CUSTOM_PROMPT = "custom"
 STORAGE_KEY = "chat-assistant-history"
 
 
@@ -46,7 +45,7 @@ def build_app(
     registry = registry or make_registry(config)
     handlers = Handlers(registry, StopSignals(), gpu or (lambda fn: fn))
     with gr.Blocks(title="Chat assistant") as demo:
-        ui = _layout(registry, defaults or GenerationParams())
+        ui = _layout(registry, handlers, defaults or GenerationParams())
         _wire(demo, ui, handlers)
         gr.api(handlers.api_chat, api_name="chat", api_description=Handlers.api_chat.__doc__)
     # Up to a batch of requests run at once (the runtime generates requests that arrive together in one
@@ -85,9 +84,9 @@ class _Widgets:
                 self.repetition_penalty, self.max_new_tokens, self.seed]
 
 
-def _layout(registry: ModelRegistry, defaults: GenerationParams) -> _Widgets:
-    prompts = list_prompts()
-    first_prompt = DEFAULT_PROMPT if DEFAULT_PROMPT in prompts else next(iter(prompts), CUSTOM_PROMPT)
+def _layout(registry: ModelRegistry, handlers: Handlers, defaults: GenerationParams) -> _Widgets:
+    choice = registry.default_choice()
+    prompt_names, first_prompt = handlers.prompt_menu(choice)
     w: dict = {}
     gr.Markdown("## Chat assistant")
     w["status"] = gr.Markdown(status_text(registry, registry.default_choice()), elem_id="status")
@@ -110,12 +109,11 @@ def _layout(registry: ModelRegistry, defaults: GenerationParams) -> _Widgets:
                                       elem_id="adapter")
             w["compare"] = gr.Checkbox(False, label="Compare with the base model (side by side)",
                                        elem_id="compare")
-            w["prompt"] = gr.Dropdown([*prompts, CUSTOM_PROMPT], value=first_prompt, label="System prompt",
-                                      elem_id="prompt")
-            w["system"] = gr.Textbox(prompts.get(first_prompt, ""), lines=4, max_lines=12,
+            w["prompt"] = gr.Dropdown(prompt_names, value=first_prompt, label="System prompt", elem_id="prompt")
+            w["system"] = gr.Textbox(handlers.prompt_text(first_prompt, choice, ""), lines=4, max_lines=12,
                                      label="System prompt text", elem_id="system")
+            w["prompt_note"] = gr.Markdown(visible=False, elem_id="prompt-note")
             _sliders(w, defaults)
-    w["prompts"] = gr.State(prompts)
     # A fixed key keeps the history across restarts too when $ASSISTANT_BROWSER_SECRET pins the secret.
     w["saved"] = gr.BrowserState(EMPTY_STORE, storage_key=STORAGE_KEY,
                                  secret=os.environ.get("ASSISTANT_BROWSER_SECRET"))
@@ -165,6 +163,10 @@ def _wire(demo: gr.Blocks, w: _Widgets, h: Handlers) -> None:
 
     w.choice.change(h.select_model, w.choice, w.status, show_progress="minimal", **private)
     w.compare.input(toggle_compare, [w.compare, w.choice, w.chatbot], w.base, queue=False, **private).then(**persist)
-    w.prompt.input(pick_prompt, [w.prompt, w.prompts, w.system], w.system, queue=False, **private)
+    # A new adapter brings the system prompt it was trained with; any other prompt shows a one-line note.
+    w.choice.change(h.use_trained_prompt, [w.choice, w.prompt, w.system], [w.prompt, w.system], queue=False,
+                    **private)
+    w.prompt.input(h.prompt_text, [w.prompt, w.choice, w.system], w.system, queue=False, **private)
     w.system.input(lambda: CUSTOM_PROMPT, None, w.prompt, queue=False, **private)
+    w.system.change(h.prompt_note, [w.choice, w.system], w.prompt_note, queue=False, **private)
     demo.load(h.restore, [w.saved, w.choice], [w.chatbot, w.base, w.compare, w.status], queue=False, **private)

@@ -11,7 +11,7 @@ from assistant.generation import GenerationParams
 from ui.chat import Settings, stream_answer, stream_turn
 from ui.history import cut_for_edit, cut_for_retry, cut_for_undo, index_of, last_user_index, plain
 from ui.models import BASE_CHOICE, ModelRegistry
-from ui.prompts import DEFAULT_PROMPT, list_prompts
+from ui.prompts import AS_TRAINED, CUSTOM_PROMPT, DEFAULT_PROMPT, list_prompts
 from ui.stopping import StopSignals
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,8 @@ class Handlers:
     def __init__(self, registry: ModelRegistry, signals: StopSignals, gpu: Callable[[Callable], Callable]):
         self.registry = registry
         self.signals = signals
-        self.default_prompt = list_prompts().get(DEFAULT_PROMPT, "")
+        self.prompts = list_prompts()
+        self.default_prompt = self.prompts.get(DEFAULT_PROMPT, "")
         # Spaces' @spaces.GPU must wrap exactly the functions that run the model.
         self.send = gpu(self.send)
         self.retry = gpu(self.retry)
@@ -120,15 +121,50 @@ class Handlers:
             raise gr.Error(f"could not load {choice}: {error}") from error
         return status_text(self.registry, choice)
 
+    def default_system(self, choice: str | None) -> str:
+        """The system prompt a choice is served with unless told otherwise: the adapter's trained one,
+        else the app's default prompt."""
+        trained = self.registry.trained_prompt(choice)
+        return (trained.text or "") if trained else self.default_prompt
+
+    def prompt_menu(self, choice: str | None) -> tuple[list[str], str]:
+        """The system prompt menu for a choice, and its preselected entry ("as trained" when recorded)."""
+        trained = self.registry.trained_prompt(choice) is not None
+        names = [*([AS_TRAINED] if trained else []), *self.prompts, CUSTOM_PROMPT]
+        first = DEFAULT_PROMPT if DEFAULT_PROMPT in self.prompts else next(iter(self.prompts), CUSTOM_PROMPT)
+        return names, AS_TRAINED if trained else first
+
+    def use_trained_prompt(self, choice: str, name: str, text: str) -> tuple[dict, str]:
+        """On a new model choice: preselect the prompt it was trained with (else keep a prompt it offers)."""
+        names, first = self.prompt_menu(choice)
+        if first != AS_TRAINED and name in names:
+            return gr.update(choices=names, value=name), text
+        return gr.update(choices=names, value=first), self.prompt_text(first, choice, text)
+
+    def prompt_text(self, name: str, choice: str, current: str) -> str:
+        """Text of a prompt menu entry ("custom" keeps the box as it is)."""
+        if name == AS_TRAINED:
+            return self.default_system(choice)
+        return self.prompts.get(name, current)
+
+    def prompt_note(self, choice: str, system: str) -> dict:
+        """One line when the system prompt differs from the one the chosen adapter was trained with."""
+        trained = self.registry.trained_prompt(choice)
+        differs = trained is not None and (system or "").strip() != (trained.text or "").strip()
+        note = (f"This adapter was trained with a different system prompt; pick **{AS_TRAINED}** to serve "
+                "what it learned." if differs else "")
+        return gr.update(value=note, visible=differs)
+
     def api_chat(self, message: str, history: list[dict] | None = None, system_prompt: str | None = None,
                  adapter: str = "", max_new_tokens: int = 256, temperature: float = 0.0,
                  request: gr.Request = None) -> Iterator[str]:
         """Stream a reply to `message`; yields the growing reply text. `history`: [{"role", "content"}];
-        `system_prompt`: default the app's default prompt, "" for none; `adapter`: a menu name (default: the
-        app's default choice, "base model" for none)."""
+        `system_prompt`: default the prompt the adapter was trained with (else the app's default prompt), ""
+        for none; `adapter`: a menu name (default: the app's default choice, "base model" for none)."""
         params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature)
-        system = self.default_prompt if system_prompt is None else system_prompt
-        settings = Settings(adapter or self.registry.default_choice(), system, params)
+        choice = adapter or self.registry.default_choice()
+        system = self.default_system(choice) if system_prompt is None else system_prompt
+        settings = Settings(choice, system, params)
         with self.signals.request(getattr(request, "session_hash", None)) as stopper:
             messages = [*plain(history), {"role": "user", "content": message}]
             yield from stream_answer(self.registry, stopper, settings, messages, on_trim=None)
@@ -156,8 +192,3 @@ def toggle_compare(compare: bool, choice: str, history: list) -> dict:
         gr.Warning("Compare mode needs an adapter: pick one in the Adapter menu")
     # Value and visibility in one update: a hidden chatbot may not be mounted to receive a value.
     return gr.update(visible=compare, value=plain(history) if compare else [])
-
-
-def pick_prompt(name: str, prompts: dict[str, str], current: str) -> str:
-    """Fill the system prompt box from the chosen prompts/ file ('custom' keeps the text as is)."""
-    return prompts.get(name, current)

@@ -7,8 +7,9 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from assistant.adapters import ADAPTER_CONFIG, TrainedPrompt, adapter_info, find_adapters, trained_prompt
 from assistant.generation import GenerationParams, stream_reply
-from assistant.loading import ChatModel, adapter_info, base_of, load_chat_model
+from assistant.loading import ChatModel, base_of, load_chat_model
 from assistant.models import pick_precision
 
 logger = logging.getLogger(__name__)
@@ -16,12 +17,7 @@ logger = logging.getLogger(__name__)
 BASE_CHOICE = "base model"
 
 
-def find_adapters(folder: str | Path) -> dict[str, Path]:
-    """Subfolders of `folder` holding an adapter (adapter_config.json), by folder name."""
-    root = Path(folder)
-    if not root.is_dir():
-        return {}
-    return {p.name: p for p in sorted(root.iterdir()) if (p / "adapter_config.json").is_file()}
+__all__ = ["BASE_CHOICE", "ModelRegistry", "adapter_choices", "find_adapters"]
 
 
 def adapter_choices(adapters_dir: str | Path, extra: list[str] | None = None) -> dict[str, Path]:
@@ -29,8 +25,8 @@ def adapter_choices(adapters_dir: str | Path, extra: list[str] | None = None) ->
     choices = find_adapters(adapters_dir)
     for given in extra or []:
         path = Path(given)
-        if not (path / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{given}: not an adapter folder (no adapter_config.json)")
+        if not (path / ADAPTER_CONFIG).is_file():
+            raise FileNotFoundError(f"{given}: not an adapter folder (no {ADAPTER_CONFIG})")
         if any(path.resolve() == known.resolve() for known in choices.values()):
             continue
         # Two folders with the same name (run1/final, run2/final) keep their full path as label.
@@ -72,6 +68,10 @@ class ModelRegistry:
                 logger.info("loading %s", choice)
                 self._models[choice] = load_chat_model(self.base_model, self.adapters.get(choice), self.precision)
             return self._models[choice]
+
+    def trained_prompt(self, choice: str | None) -> TrainedPrompt | None:
+        """The system prompt the chosen adapter was trained with (None: base model or not recorded)."""
+        return trained_prompt(self.adapters.get(choice or self.default_choice()))
 
     def stream(self, choice: str | None, messages: list[dict[str, str]], params: GenerationParams, *,
                cancel: threading.Event, use_adapter: bool = True,

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from assistant.adapters import with_system
 from assistant.chat_format import encode_prompt
 from assistant.generation import GenerationParams, stream_reply
 from ui.models import BASE_CHOICE, ModelRegistry
@@ -121,6 +122,7 @@ class OpenAIServer:
         if body.get("n", 1) != 1:
             raise APIError(400, "only n=1 is supported", param="n")
         chat = self.registry.get(BASE_CHOICE if model == BASE_ID else model)
+        messages = with_system(messages, chat.trained_prompt)  # no system message: the one it was trained with
         params = GenerationParams(
             max_new_tokens=int(body.get("max_completion_tokens") or body.get("max_tokens") or 256),
             temperature=float(body.get("temperature", 1.0)),

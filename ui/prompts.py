@@ -9,6 +9,8 @@ logger = logging.getLogger(__name__)
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 DEFAULT_PROMPT = "general"
+AS_TRAINED = "as trained"  # menu entry: the system prompt the chosen adapter was trained with
+CUSTOM_PROMPT = "custom"  # menu entry: the text in the box as the user wrote it
 
 
 def list_prompts(folder: str | Path = PROMPTS_DIR) -> dict[str, str]:

@@ -71,6 +71,10 @@ class RemoteRegistry:
         """Status line: which remote model answers."""
         return self.get(choice).describe()
 
+    def trained_prompt(self, choice: str | None) -> None:
+        """Unknown here: the remote server applies an adapter's trained prompt to chats without one."""
+        return None
+
     def stream(self, choice: str, messages: list[dict[str, str]], params: GenerationParams, *,
                cancel: threading.Event, use_adapter: bool = True,
                on_trim: Callable[[int], None] | None = None) -> Iterator[str]:

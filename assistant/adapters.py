@@ -1,0 +1,124 @@
+"""Adapter folders: which folder is an adapter, of which method, and which system prompt it was trained with.
+
+The one answer for the trainer (what to publish, what it may replace), the app (what to list and
+serve) and the exports alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+PROMPT_FILE = "system_prompt.json"  # the system prompt the adapter's data was trained under
+REPORT_FILE = "training_report.json"  # written by train.sft last, before the folder is published
+PARTIAL_MARK = ".partial"  # staging folders of the trainer and of merges carry this in their name
+
+
+def adapter_info(adapter: str | Path) -> dict:
+    """The adapter folder's peft config, with a clear error when the folder is not an adapter."""
+    config = Path(adapter) / ADAPTER_CONFIG
+    if not config.is_file():
+        raise FileNotFoundError(f"{adapter}: not an adapter folder (no {ADAPTER_CONFIG}); train one with train.sft")
+    return json.loads(config.read_text())
+
+
+def method_of(info: dict) -> str:
+    """'lora' or 'prefix' from a peft config dict."""
+    kind = str(info.get("peft_type", "")).upper()
+    return {"LORA": "lora", "PREFIX_TUNING": "prefix"}.get(kind, kind.lower())
+
+
+def is_listed(folder: Path) -> bool:
+    """An adapter the app offers: has a peft config and is neither hidden nor a partial (staging) folder."""
+    return (
+        not folder.name.startswith(".")
+        and PARTIAL_MARK not in folder.name
+        and (folder / ADAPTER_CONFIG).is_file()
+    )
+
+
+def find_adapters(folder: str | Path) -> dict[str, Path]:
+    """Listed adapter subfolders of `folder`, by folder name."""
+    root = Path(folder)
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if is_listed(p)}
+
+
+def written_by_trainer(folder: Path) -> bool:
+    """True for an adapter folder that train.sft published (so a new run may replace it)."""
+    return (folder / ADAPTER_CONFIG).is_file() and (folder / REPORT_FILE).is_file()
+
+
+@dataclass(frozen=True)
+class TrainedPrompt:
+    """The system prompt an adapter's training rows were rendered with.
+
+    `text` None means the rows were rendered with no system message at all (and the template wrote none).
+    """
+
+    text: str | None
+    source: str  # "rows" (the rows' own), "--system-prompt", "template default" or "none"
+    rows: int = 0  # training rows
+    rows_with_own: int = 0  # rows that carried their own system message
+    distinct: int = 1  # distinct system prompts over all rows (1: every row was trained with `text`)
+
+    def describe(self) -> str:
+        """One line for the doctor and the logs."""
+        text = "(no system message)" if self.text is None else repr(_short(self.text))
+        mixed = f"; {self.distinct} different prompts, this is the most common" if self.distinct > 1 else ""
+        return f"{text} from {self.source}; {self.rows_with_own} of {self.rows} rows carry their own{mixed}"
+
+
+def summarize_prompts(row_prompts: list[str | None], default: str | None, source: str) -> TrainedPrompt:
+    """The prompt to record for rows whose own system prompts are `row_prompts` (None: the row has none).
+
+    Rows without one were rendered with `default` (from `source`: --system-prompt or the template).
+    """
+    effective = Counter(default if own is None else own for own in row_prompts)
+    own = sum(p is not None for p in row_prompts)
+    text = effective.most_common(1)[0][0] if effective else default
+    if text is None:
+        chosen_source = "none"
+    elif own == len(row_prompts) or text != default:
+        chosen_source = "rows"
+    else:
+        chosen_source = source
+    return TrainedPrompt(text, chosen_source, len(row_prompts), own, max(1, len(effective)))
+
+
+def write_trained_prompt(folder: Path, prompt: TrainedPrompt) -> None:
+    """Record the trained system prompt in an adapter folder."""
+    (folder / PROMPT_FILE).write_text(json.dumps(asdict(prompt), indent=2, ensure_ascii=False) + "\n")
+
+
+def trained_prompt(folder: str | Path | None) -> TrainedPrompt | None:
+    """The system prompt recorded in an adapter folder (None for older adapters or a broken record)."""
+    if folder is None:
+        return None
+    path = Path(folder) / PROMPT_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return TrainedPrompt(**data)
+    except (ValueError, TypeError) as error:  # a hand-edited file must not stop the app
+        logger.warning("%s: unreadable trained system prompt (%s); serving without it", path, error)
+        return None
+
+
+def with_system(messages: list[dict[str, str]], prompt: TrainedPrompt | None) -> list[dict[str, str]]:
+    """`messages` as trained: the trained system prompt first when the chat has no system message."""
+    if prompt is None or prompt.text is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": prompt.text}, *messages]
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
