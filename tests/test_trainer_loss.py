@@ -78,3 +78,18 @@ def test_gradient_accumulation_normaliser_is_the_token_count(setup):
         per_token = trainer.compute_loss(model, batch)
         halved = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(2 * count))
     assert torch.allclose(halved * 2, per_token, atol=1e-6)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_eval_loss_is_per_labelled_token_over_the_whole_set(setup, tmp_path, packed):
+    """Batches of very different sizes: the Trainer's own mean of batch means would differ."""
+    tokenizer, model, _, items = setup
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=2,
+                             remove_unused_columns=False, label_names=["labels"])
+    trainer = ChatTrainer(model=model, args=args, eval_dataset=items,
+                          data_collator=ChatCollator(tokenizer.pad_token_id, packed=packed))
+    with torch.no_grad():
+        expected = float(reference_loss(model, items))
+        batch_means = [float(reference_loss(model, items[:2])), float(reference_loss(model, items[2:]))]
+    assert abs(sum(batch_means) / 2 - expected) > 1e-3, "the test data must tell the two means apart"
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, abs=1e-5)

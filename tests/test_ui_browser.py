@@ -176,3 +176,47 @@ def test_retry_undo_edit_clear_and_compare_mode(open_page):
     )
     finish(page, lambda: page.click("#clear"))
     assert page.locator(USER).count() == 0 and page.locator("#chatbot-base [data-testid='user']").count() == 0
+
+
+@pytest.fixture
+def trained_prompt_page(browser, lora_adapter, tmp_path):
+    """The app over an adapters folder holding one adapter with a recorded trained system prompt."""
+    import shutil
+
+    from assistant.adapters import summarize_prompts, write_trained_prompt
+    from assistant.generation import GenerationParams
+    from tests.conftest import free_port
+    from ui.app import build_app
+    from ui.config import ChatConfig
+    from ui.models import BASE_CHOICE, ModelRegistry, adapter_choices
+
+    shutil.copytree(lora_adapter, tmp_path / "support")
+    write_trained_prompt(tmp_path / "support", summarize_prompts([None], "You answer as a pirate.", "--system-prompt"))
+    registry = ModelRegistry(adapter_choices(tmp_path), default=BASE_CHOICE)
+    demo = build_app(ChatConfig(adapters_dir=str(tmp_path)), registry=registry,
+                     defaults=GenerationParams(max_new_tokens=8, temperature=0.0))
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#message textarea")
+    yield page
+    context.close()
+    demo.close()
+
+
+def test_an_adapter_brings_the_system_prompt_it_was_trained_with(trained_prompt_page):
+    page = trained_prompt_page
+    assert page.input_value("#prompt input") == "general"
+    page.locator("#adapter input").click()
+    page.get_by_role("option", name="support").click()
+    wait_for(lambda: page.input_value("#prompt input") == "as trained", 30, what="the trained prompt to be chosen")
+    assert page.input_value("#system textarea") == "You answer as a pirate."
+    assert not page.locator("#prompt-note").is_visible()
+
+    page.locator("#prompt input").click()
+    page.get_by_role("option", name="customer_support").click()
+    wait_for(lambda: "customer" in page.input_value("#system textarea"), 10, what="the other prompt's text")
+    note = page.locator("#prompt-note")
+    wait_for(note.is_visible, 10, what="the note about the different prompt")
+    assert "trained with a different system prompt" in note.inner_text()
