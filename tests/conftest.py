@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -82,6 +83,18 @@ def sft(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python -m train.sft` the way a user does."""
     cmd = [sys.executable, "-m", "train.sft", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def sft_killed_at(marker: Path, *args: str, timeout: float = 300) -> bool:
+    """Run `python -m train.sft` and SIGKILL it as soon as `marker` exists; True when it got that far."""
+    proc = subprocess.Popen([sys.executable, "-m", "train.sft", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return marker.exists()
 
 
 def _train(folder: Path, *args: str) -> Path:

@@ -6,10 +6,8 @@ import hashlib
 import json
 import math
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +17,7 @@ import torch
 from assistant.adapters import find_adapters
 from assistant.generation import GenerationParams, complete_reply
 from assistant.loading import load_chat_model
-from tests.conftest import DATA, FAST, ROOT, sft
+from tests.conftest import DATA, FAST, ROOT, sft, sft_killed_at
 from train.pipeline import InputError, checkpoint_to_resume
 from ui.models import BASE_CHOICE, ModelRegistry, adapter_choices
 
@@ -45,16 +43,9 @@ def test_a_run_killed_during_its_post_save_checks_publishes_nothing(tmp_path, tr
     before = digest(previous)
     args = [str(DATA / "valid_pairs.jsonl"), "--output-dir", str(previous), "--max-steps", "2",
             "--learning-rate", "1e-3", *FAST]
-    proc = subprocess.Popen([sys.executable, "-m", "train.sft", *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # loss.png is written just before the post-save checks load the staged adapter back.
     staged = adapters / "support.checkpoints" / "adapter.partial" / "loss.png"
-    deadline = time.time() + 300
-    while not staged.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert staged.exists(), "the run never reached its post-save checks"
+    assert sft_killed_at(staged, *args), "the run never reached its post-save checks"
     assert sorted(p.name for p in adapters.iterdir()) == ["support", "support.checkpoints"]
     assert list(find_adapters(adapters)) == ["support"]
     assert digest(previous) == before, "the published adapter must stay exactly as it was"

@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from assistant.chat_format import encode_prompt
 from assistant.generation import GenerationParams, complete_reply
 from assistant.loading import load_chat_model
-from tests.conftest import DATA, FAST, ROOT, sft
+from tests.conftest import DATA, FAST, ROOT, sft, sft_killed_at
 from train.records import load_examples
 from train.verify import AdapterCheckError, check_weights, verify_adapter
 
@@ -86,19 +85,8 @@ def test_resume_continues_a_run_killed_with_sigkill(tmp_path):
         "1e-3",
         *FAST,
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "train.sft", *args],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     state = tmp_path / "resumed.checkpoints" / "checkpoint-4" / "trainer_state.json"
-    deadline = time.time() + 240
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert state.exists(), "the run never reached its second checkpoint"
+    assert sft_killed_at(state, *args), "the run never reached its second checkpoint"
     assert not out.exists(), "a killed run must not leave an adapter where the app would load it"
 
     refused = sft(*args)

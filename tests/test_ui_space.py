@@ -12,7 +12,9 @@ import gradio
 import pytest
 from huggingface_hub import RepoCard, metadata_load
 
+from assistant.adapters import summarize_prompts, write_trained_prompt
 from assistant.embedded import EMBEDDED_HUB_ID
+from ui.models import ModelRegistry, adapter_choices
 from ui.space import export_space, main, resolve_adapter, space_base_model, write_front_matter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +27,7 @@ def fake_adapter(folder: Path, base: str = "embedded") -> Path:
     (folder / "adapter_config.json").write_text(json.dumps(config))
     (folder / "adapter_model.safetensors").write_bytes(b"\0" * 16)
     (folder / "tokenizer_config.json").write_text("{}")
+    write_trained_prompt(folder, summarize_prompts([None], "You help customers of Acme.", "--system-prompt"))
     return folder
 
 
@@ -91,8 +94,11 @@ def test_export_writes_a_ready_space_folder(tmp_path):
         assert pin in requirements
     assert "gradio" not in requirements, "Spaces install gradio from sdk_version"
     assert not list(out.rglob("__pycache__"))
-    # The exported app.py finds the bundled adapter without any environment variable.
+    # The exported app.py finds the bundled adapter without any environment variable...
     assert resolve_adapter(None, out) == str(out / "adapter")
+    # ...and serves it by default with the system prompt it was trained with.
+    registry = ModelRegistry(adapter_choices(out / "adapters", [resolve_adapter(None, out)]))
+    assert registry.trained_prompt(registry.default_choice()).text == "You help customers of Acme."
     compile((out / "app.py").read_text(), "app.py", "exec")
 
 

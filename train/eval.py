@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from assistant.adapters import TrainedPrompt, with_system
+from assistant.batching import MAX_BATCH
 from assistant.chat_format import encode_chat
 from assistant.generation import GenerationParams, complete_reply
 from assistant.loading import ChatModel, load_chat_model
@@ -94,15 +96,23 @@ def score(
 
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    nll, tokens, results = 0.0, 0, []
-    for example in tqdm(rows, desc=desc, unit="row"):
-        example = replace(example, messages=with_system(example.messages, system))
-        prompt, reference = split_reference(example)
+    examples = [replace(e, messages=with_system(e.messages, system)) for e in rows]
+    nll, tokens = 0.0, 0
+    for example in tqdm(examples, desc=f"{desc}, perplexity", unit="row"):
         # The model's lock: the generation engine may be inside disable_adapter() on its own thread.
         with chat.lock, chat.model.disable_adapter() if chat.adapter and not use_adapter else nullcontext():
             loss, count = row_nll(chat, example, max_length)
-        reply = complete_reply(chat, prompt, params, use_adapter=use_adapter)
         nll, tokens = nll + loss, tokens + count
+
+    def answer(example: Example) -> str:
+        return complete_reply(chat, split_reference(example)[0], params, use_adapter=use_adapter)
+
+    # Replies are requested together, so the engine decodes them in batches as the app would.
+    with ThreadPoolExecutor(MAX_BATCH) as pool:
+        replies = list(tqdm(pool.map(answer, examples), total=len(examples), desc=f"{desc}, replies", unit="row"))
+    results = []
+    for example, reply in zip(examples, replies, strict=True):
+        reference = split_reference(example)[1]
         rouge = scorer.score(reference, reply)["rougeL"].fmeasure
         results.append(
             {"source": example.source, "reference": reference, "reply": reply, "rouge_l": round(rouge, 4)}

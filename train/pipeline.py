@@ -153,13 +153,13 @@ def build_model(config, tokenizer, train: Features):
         ),
     )
     if config.method == "prefix":
-        init_prefix_from_text(model, train)
+        init_prefix_from_data(model, train)
     use_fast_dropout(model)
     initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     return model, precision, initial
 
 
-def init_prefix_from_text(model, train: Features) -> None:
+def init_prefix_from_data(model, train: Features) -> None:
     """Start the prefix as the base model's own keys/values of the start of a training conversation.
 
     A random prefix first breaks the model (validation loss far above the base's) and short runs never
