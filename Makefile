@@ -33,3 +33,4 @@ bench: setup
 	$(PY) -m bench.train_speed
 	$(PY) -m bench.decode_speed
 	$(PY) -m bench.concurrency
+	$(PY) -m bench.quality

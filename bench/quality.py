@@ -139,6 +139,7 @@ def run_ours(config: QualityConfig, method: str, train: Path, out: Path) -> dict
         "steps": report.get("steps"),
         "train_seconds": report.get("train_seconds"),
         "eval_loss": report.get("eval_loss"),
+        "base_eval_loss": report.get("base_eval_loss"),  # the untrained model on the same held-out rows
         "summary": run.stdout.strip().splitlines()[-1],
         "wall_s": round(run.wall_s, 1),
         "peak_mb": round(run.peak_mb, 1),

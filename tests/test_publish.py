@@ -155,7 +155,7 @@ def test_a_time_budget_plans_the_steps_and_ends_the_schedule_on_them(monkeypatch
         state.global_step = step
         scheduler.step()
         callback.on_step_end(args, state, control, lr_scheduler=scheduler, optimizer=optimizer)
-    # Spent: 10 s + 4 steps * 2 s = 18 s; left 60 * 0.95 - 18 - 6 evaluations = 33 s -> 16 more steps.
+    # Spent: 10 s + 4 steps * 2 s = 18 s; left 60 * 0.95 - 18 - 7 evaluations' worth = 32 s -> 16 more steps.
     assert callback.planned == 5 + 16 and state.max_steps == 21 and state.eval_steps == 4
     assert not control.should_training_stop
     while state.global_step < callback.planned:

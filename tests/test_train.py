@@ -165,6 +165,8 @@ def test_help_documents_the_command_line_contract():
         "--use-dora",
         "--virtual-tokens",
         "--load-in-4bit",
+        "--system-prompt",
+        "--time-budget",
     ]:
         assert flag in done.stdout
 
@@ -178,6 +180,15 @@ def test_dataset_doctor_reports_and_marks_trained_tokens():
     )
     assert done.returncode == 0, done.stderr
     assert "messages (10 rows)" in done.stdout and "[[" in done.stdout and "p95" in done.stdout
+    assert "system prompt trained: " in done.stdout and "rows carry their own" in done.stdout
+    pirate = subprocess.run(
+        [sys.executable, "-m", "train.check", str(DATA / "valid_pairs.jsonl"), "--system-prompt", "Talk like a pirate."],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert "system prompt trained: 'Talk like a pirate.' from --system-prompt; 0 of 40 rows" in pirate.stdout
+    assert "<|im_start|>system\nTalk like a pirate.<|im_end|>" in pirate.stdout, "the example shows it rendered"
     bad = subprocess.run(
         [sys.executable, "-m", "train.check", str(DATA / "bad" / "empty_file.jsonl")],
         cwd=ROOT,

@@ -18,7 +18,7 @@ class TimeBudget(TrainerCallback):
     """Ends training inside `seconds` counted from `started`, with the schedule fitted to the planned steps.
 
     After MEASURED_STEPS steps it plans how many steps fit in what is left once evaluations (timed on
-    the base model before training) and the reserve are paid for, then shortens the run, stretches
+    the base model before training), the post-save checks and the reserve are paid for, then shortens the run, stretches
     the learning-rate schedule over the planned steps and evaluates EVALS times along it.
     """
 
@@ -40,7 +40,8 @@ class TimeBudget(TrainerCallback):
         if timed < MEASURED_STEPS:
             return control
         per_step = (now - self.first_step_done) / timed
-        left = self.seconds * (1 - RESERVE) - (now - self.started) - (EVALS + 1) * self.eval_seconds
+        # Evaluations along the run, the final one, and the post-save checks (about one more).
+        left = self.seconds * (1 - RESERVE) - (now - self.started) - (EVALS + 2) * self.eval_seconds
         self.planned = max(state.global_step, min(state.max_steps, state.global_step + int(left / per_step)))
         logger.info(
             "time budget %.0f min: %.2f s/step, planning %d steps (of at most %d)",

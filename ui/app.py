@@ -165,7 +165,7 @@ def _wire(demo: gr.Blocks, w: _Widgets, h: Handlers) -> None:
     w.compare.input(toggle_compare, [w.compare, w.choice, w.chatbot], w.base, queue=False, **private).then(**persist)
     # A new adapter brings the system prompt it was trained with; any other prompt shows a one-line note.
     w.choice.change(h.use_trained_prompt, [w.choice, w.prompt, w.system], [w.prompt, w.system], queue=False,
-                    **private)
+                    **private).then(h.prompt_note, [w.choice, w.system], w.prompt_note, queue=False, **private)
     w.prompt.input(h.prompt_text, [w.prompt, w.choice, w.system], w.system, queue=False, **private)
     w.system.input(lambda: CUSTOM_PROMPT, None, w.prompt, queue=False, **private)
     w.system.change(h.prompt_note, [w.choice, w.system], w.prompt_note, queue=False, **private)
