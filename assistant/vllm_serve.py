@@ -7,6 +7,7 @@ fronts the result with `python -m ui --backend-url http://HOST:8000/v1`.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import shutil
@@ -16,8 +17,10 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from assistant.adapters import adapter_info, method_of
+from assistant.adapters import adapter_info, method_of, trained_prompt
 from assistant.embedded import EMBEDDED, embedded_model_dir
+
+logger = logging.getLogger(__name__)
 
 # vLLM's --max-lora-rank accepts these values only.
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -81,6 +84,14 @@ def vllm_command(config: VLLMConfig) -> list[str]:
     if not config.adapters:
         raise NotServable("give at least one LoRA adapter folder")
     infos = [check_adapter(a) for a in config.adapters]
+    for adapter in config.adapters:
+        prompt = trained_prompt(adapter)
+        if prompt is not None and prompt.source not in ("template default", "none"):
+            # vLLM renders chats without a system message with the template's default, not this one.
+            logger.warning(
+                "%s was trained with the system prompt %r: vLLM does not add it, so clients must send it",
+                adapter, prompt.text,
+            )
     bases = {config.base_model or info.get("base_model_name_or_path") or EMBEDDED for info in infos}
     if len(bases) > 1:
         raise NotServable(

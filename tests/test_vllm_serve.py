@@ -81,3 +81,16 @@ def test_cli_accepts_a_trained_lora_and_rejects_a_trained_prefix(trained_lora, t
     if shutil.which("vllm") is None:
         missing = subprocess.run([*cli, str(runs["lora"])], cwd=ROOT, capture_output=True, text=True)
         assert missing.returncode == 2 and "not installed" in missing.stderr
+
+
+def test_an_adapter_trained_with_its_own_system_prompt_is_flagged(tmp_path, caplog):
+    from assistant.adapters import summarize_prompts, write_trained_prompt
+
+    plain = fake_adapter(tmp_path / "plain")
+    write_trained_prompt(plain, summarize_prompts([None], "SmolLM default", "template default"))
+    pirate = fake_adapter(tmp_path / "pirate")
+    write_trained_prompt(pirate, summarize_prompts([None], "Talk like a pirate.", "--system-prompt"))
+    with caplog.at_level("WARNING", logger="assistant.vllm_serve"):
+        vllm_command(VLLMConfig(adapters=[str(plain), str(pirate)]))
+    flagged = [r.getMessage() for r in caplog.records]
+    assert len(flagged) == 1 and "Talk like a pirate." in flagged[0] and "clients must send it" in flagged[0]
