@@ -50,6 +50,7 @@ def test_model_messages_put_the_system_prompt_first():
     assert model_messages("  ", CHAT) == CHAT
     messages = model_messages("Be brief.", [{"role": "system", "content": "old"}, *CHAT])
     assert messages[0] == {"role": "system", "content": "Be brief."} and messages[1:] == CHAT
+    assert model_messages("Be brief.\n", CHAT)[0]["content"] == "Be brief.\n", "exactly as trained"
 
 
 def test_retry_undo_edit_cuts():

@@ -75,7 +75,8 @@ class SFTConfig:
     batch_size: int = field(default=8, metadata=_help("Examples per step per device."))
     grad_accum: int = field(default=1, metadata=_help("Gradient accumulation steps."))
     learning_rate: float | None = field(
-        default=None, metadata=_help("Peak learning rate; default 2e-4 for LoRA, 1e-2 for prefix.")
+        default=None,
+        metadata=_help("Peak learning rate; default 2e-4 for LoRA, 1e-1 for prefix (measured: README)."),
     )
     lr_scheduler: str = field(
         default="cosine", metadata=_help("Learning-rate schedule after warmup (transformers names).")
@@ -128,7 +129,8 @@ class SFTConfig:
     @property
     def lr(self) -> float:
         """Learning rate with the method's default."""
-        return self.learning_rate or (2e-4 if self.method == "lora" else 1e-2)
+        # Prefix: 1e-2 / 3e-2 / 1e-1 gave eval loss 2.130 / 1.945 / 1.858 on the shipped sample (base 2.635).
+        return self.learning_rate or (2e-4 if self.method == "lora" else 1e-1)
 
 
 def parse_config(argv: list[str]) -> SFTConfig:

@@ -31,8 +31,8 @@ def plain(history: list[dict] | None) -> list[Message]:
 def model_messages(system: str | None, history: list[Message]) -> list[Message]:
     """What the model reads: the system prompt (when given) then the conversation without system turns."""
     turns = [m for m in history if m["role"] != "system"]
-    system = (system or "").strip()
-    return [{"role": "system", "content": system}, *turns] if system else turns
+    # Kept exactly as given (not stripped): a trained system prompt must render to the trained tokens.
+    return [{"role": "system", "content": system}, *turns] if (system or "").strip() else turns
 
 
 def last_user_index(history: list[Message]) -> int | None:
