@@ -113,11 +113,11 @@ def trained_prompt(folder: str | Path | None) -> TrainedPrompt | None:
         return None
 
 
-def with_system(messages: list[dict[str, str]], prompt: TrainedPrompt | None) -> list[dict[str, str]]:
-    """`messages` as trained: the trained system prompt first when the chat has no system message."""
-    if prompt is None or prompt.text is None or (messages and messages[0]["role"] == "system"):
+def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    """`messages` with `system` as their system message when they have none (unchanged when None)."""
+    if system is None or (messages and messages[0]["role"] == "system"):
         return messages
-    return [{"role": "system", "content": prompt.text}, *messages]
+    return [{"role": "system", "content": system}, *messages]
 
 
 def _short(text: str, limit: int = 80) -> str:

@@ -96,7 +96,8 @@ def score(
 
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    examples = [replace(e, messages=with_system(e.messages, system)) for e in rows]
+    text = system.text if system else None
+    examples = [replace(e, messages=with_system(e.messages, text)) for e in rows]
     nll, tokens = 0.0, 0
     for example in tqdm(examples, desc=f"{desc}, perplexity", unit="row"):
         # The model's lock: the generation engine may be inside disable_adapter() on its own thread.

@@ -122,7 +122,8 @@ class OpenAIServer:
         if body.get("n", 1) != 1:
             raise APIError(400, "only n=1 is supported", param="n")
         chat = self.registry.get(BASE_CHOICE if model == BASE_ID else model)
-        messages = with_system(messages, chat.trained_prompt)  # no system message: the one it was trained with
+        if chat.trained_prompt:  # a chat without a system message gets the one the adapter was trained with
+            messages = with_system(messages, chat.trained_prompt.text)
         params = GenerationParams(
             max_new_tokens=int(body.get("max_completion_tokens") or body.get("max_tokens") or 256),
             temperature=float(body.get("temperature", 1.0)),
