@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from assistant.adapters import find_adapters
 from assistant.batching import END, Request, engine_for
 from assistant.chat_format import encode_prompt
 from assistant.generation import (
@@ -18,7 +19,7 @@ from assistant.generation import (
 )
 from assistant.loading import ChatModel, load_chat_model
 from tests.conftest import generations_running, wait_for
-from ui.models import BASE_CHOICE, ModelRegistry, adapter_choices, find_adapters
+from ui.models import BASE_CHOICE, ModelRegistry, adapter_choices
 
 pytestmark = pytest.mark.slow
 

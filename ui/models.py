@@ -17,9 +17,6 @@ logger = logging.getLogger(__name__)
 BASE_CHOICE = "base model"
 
 
-__all__ = ["BASE_CHOICE", "ModelRegistry", "adapter_choices", "find_adapters"]
-
-
 def adapter_choices(adapters_dir: str | Path, extra: list[str] | None = None) -> dict[str, Path]:
     """Menu label -> adapter folder: those found in `adapters_dir`, then the `--adapter` ones."""
     choices = find_adapters(adapters_dir)
