@@ -164,9 +164,9 @@ def app_server(lora_adapter) -> Server:
     """The real app on a free localhost port: the embedded model (chosen) plus the test adapter in the
     menu, short greedy replies."""
     from assistant.generation import GenerationParams
+    from serve.registry import BASE_CHOICE, ModelRegistry, adapter_choices
     from ui.app import build_app, mount_openai_api
     from ui.config import ChatConfig
-    from ui.models import BASE_CHOICE, ModelRegistry, adapter_choices
 
     config = ChatConfig(adapters_dir=str(lora_adapter.parent), max_queue=8)
     registry = ModelRegistry(adapter_choices(config.adapters_dir), default=BASE_CHOICE)

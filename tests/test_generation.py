@@ -18,8 +18,8 @@ from assistant.generation import (
     stream_reply,
 )
 from assistant.loading import ChatModel, load_chat_model
+from serve.registry import BASE_CHOICE, ModelRegistry, adapter_choices
 from tests.conftest import generations_running, wait_for
-from ui.models import BASE_CHOICE, ModelRegistry, adapter_choices
 
 pytestmark = pytest.mark.slow
 

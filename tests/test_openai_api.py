@@ -129,7 +129,7 @@ def test_wrong_key_gets_401_and_the_right_one_works(app_server):
 
 
 def test_without_a_key_the_api_refuses_beyond_localhost(app_server):
-    from ui.openai_api import OpenAIServer
+    from serve.openai_api import OpenAIServer
 
     api = FastAPI()
     api.include_router(OpenAIServer(app_server.registry, api_key=None, bind_host="0.0.0.0").router)
@@ -141,9 +141,9 @@ def test_the_ui_streams_through_a_remote_openai_backend(app_server):
     """`python -m ui --backend-url`: a second app fronting this project's own API."""
     from gradio_client import Client
 
+    from serve.remote import RemoteRegistry
     from ui.app import build_app
     from ui.config import ChatConfig
-    from ui.remote import RemoteRegistry
 
     front = build_app(ChatConfig(backend_url=app_server.url + "v1"))
     assert isinstance(front.registry, RemoteRegistry) and front.registry.choices == ["base model", "pirate"]

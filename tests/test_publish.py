@@ -17,9 +17,9 @@ import torch
 from assistant.adapters import find_adapters
 from assistant.generation import GenerationParams, complete_reply
 from assistant.loading import load_chat_model
+from serve.registry import BASE_CHOICE, ModelRegistry, adapter_choices
 from tests.conftest import DATA, FAST, ROOT, sft, sft_killed_at
 from train.pipeline import InputError, checkpoint_to_resume
-from ui.models import BASE_CHOICE, ModelRegistry, adapter_choices
 
 
 def digest(folder: Path) -> dict[str, str]:

@@ -18,10 +18,10 @@ from assistant.adapters import (
 from assistant.batching import END
 from assistant.chat_format import IGNORE_INDEX, render_chat, template_default_system
 from assistant.models import load_tokenizer
+from serve.registry import BASE_CHOICE, ModelRegistry
 from train.pipeline import prepare_data
 from train.sft import SFTConfig
 from ui.handlers import Handlers
-from ui.models import BASE_CHOICE, ModelRegistry
 from ui.prompts import AS_TRAINED, DEFAULT_PROMPT, list_prompts
 from ui.stopping import StopSignals
 
@@ -79,7 +79,7 @@ def served_ids(registry: ModelRegistry, choice: str, monkeypatch) -> dict[str, l
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from ui.openai_api import OpenAIServer
+    from serve.openai_api import OpenAIServer
 
     recorder = Recorder()
     monkeypatch.setattr("assistant.generation.engine_for", lambda chat: recorder)

@@ -185,10 +185,10 @@ def trained_prompt_page(browser, lora_adapter, tmp_path):
 
     from assistant.adapters import summarize_prompts, write_trained_prompt
     from assistant.generation import GenerationParams
+    from serve.registry import BASE_CHOICE, ModelRegistry, adapter_choices
     from tests.conftest import free_port
     from ui.app import build_app
     from ui.config import ChatConfig
-    from ui.models import BASE_CHOICE, ModelRegistry, adapter_choices
 
     shutil.copytree(lora_adapter, tmp_path / "support")
     write_trained_prompt(tmp_path / "support", summarize_prompts([None], "You answer as a pirate.", "--system-prompt"))

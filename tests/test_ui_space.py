@@ -14,7 +14,7 @@ from huggingface_hub import RepoCard, metadata_load
 
 from assistant.adapters import summarize_prompts, write_trained_prompt
 from assistant.embedded import EMBEDDED_HUB_ID
-from ui.models import ModelRegistry, adapter_choices
+from serve.registry import ModelRegistry, adapter_choices
 from ui.space import export_space, main, resolve_adapter, space_base_model, write_front_matter
 
 ROOT = Path(__file__).resolve().parent.parent

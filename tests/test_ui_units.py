@@ -6,10 +6,10 @@ import threading
 
 import pytest
 
+from serve.registry import BASE_CHOICE
 from ui.chat import Settings
 from ui.config import ChatConfig
 from ui.history import cut_for_edit, cut_for_retry, cut_for_undo, last_user_index, model_messages, plain
-from ui.models import BASE_CHOICE
 from ui.prompts import list_prompts
 from ui.stopping import StopSignals
 

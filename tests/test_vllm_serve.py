@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from assistant.embedded import embedded_model_dir
-from assistant.vllm_serve import NotServable, VLLMConfig, check_adapter, vllm_command
+from serve.vllm import NotServable, VLLMConfig, check_adapter, vllm_command
 
 ROOT = Path(__file__).parent.parent
 
@@ -73,7 +73,7 @@ def test_adapters_of_different_bases_are_refused(tmp_path):
 def test_cli_accepts_a_trained_lora_and_rejects_a_trained_prefix(trained_lora, trained_prefix):
     """On real adapters from the trainer, through the command line a user types."""
     runs = {"lora": trained_lora, "prefix": trained_prefix}
-    cli = [sys.executable, "-m", "assistant.vllm_serve"]
+    cli = [sys.executable, "-m", "serve.vllm"]
     ok = subprocess.run([*cli, str(runs["lora"]), "--print"], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0 and ok.stdout.startswith("vllm serve ") and "--enable-lora" in ok.stdout
     refused = subprocess.run([*cli, str(runs["prefix"]), "--print"], cwd=ROOT, capture_output=True, text=True)
@@ -90,7 +90,7 @@ def test_an_adapter_trained_with_its_own_system_prompt_is_flagged(tmp_path, capl
     write_trained_prompt(plain, summarize_prompts([None], "SmolLM default", "template default"))
     pirate = fake_adapter(tmp_path / "pirate")
     write_trained_prompt(pirate, summarize_prompts([None], "Talk like a pirate.", "--system-prompt"))
-    with caplog.at_level("WARNING", logger="assistant.vllm_serve"):
+    with caplog.at_level("WARNING", logger="serve.vllm"):
         vllm_command(VLLMConfig(adapters=[str(plain), str(pirate)]))
     flagged = [r.getMessage() for r in caplog.records]
     assert len(flagged) == 1 and "Talk like a pirate." in flagged[0] and "clients must send it" in flagged[0]

@@ -23,9 +23,9 @@ import gradio as gr
 
 from assistant.batching import MAX_BATCH
 from assistant.generation import GenerationParams
+from serve.registry import ModelRegistry, adapter_choices
 from ui.config import ChatConfig
 from ui.handlers import EMPTY_STORE, Handlers, save, status_text, toggle_compare
-from ui.models import ModelRegistry, adapter_choices
 from ui.prompts import CUSTOM_PROMPT
 from ui.stopping import StopSignals
 
@@ -58,7 +58,7 @@ def build_app(
 def make_registry(config: ChatConfig):
     """In-process models, or the models of the remote server given by --backend-url."""
     if config.backend_url:
-        from ui.remote import RemoteRegistry
+        from serve.remote import RemoteRegistry
 
         return RemoteRegistry(config.backend_url, config.backend_key)
     return ModelRegistry(adapter_choices(config.adapters_dir, config.adapter), config.base_model, config.precision)
@@ -66,7 +66,7 @@ def make_registry(config: ChatConfig):
 
 def mount_openai_api(demo: gr.Blocks, config: ChatConfig) -> None:
     """Serve /v1/chat/completions and /v1/models from the running app (in-process models only)."""
-    from ui.openai_api import OpenAIServer
+    from serve.openai_api import OpenAIServer
 
     if isinstance(demo.registry, ModelRegistry):  # type: ignore[attr-defined]
         demo.app.include_router(OpenAIServer(demo.registry, config.openai_key(), config.host).router)

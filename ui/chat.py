@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import gradio as gr
 
 from assistant.generation import GenerationParams
+from serve.registry import BASE_CHOICE, ModelRegistry
 from ui.history import Message, model_messages
-from ui.models import BASE_CHOICE, ModelRegistry
 from ui.stopping import Stopper
 
 logger = logging.getLogger(__name__)

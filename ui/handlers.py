@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterator
 import gradio as gr
 
 from assistant.generation import GenerationParams
+from serve.registry import BASE_CHOICE, ModelRegistry
 from ui.chat import Settings, stream_answer, stream_turn
 from ui.history import cut_for_edit, cut_for_retry, cut_for_undo, index_of, last_user_index, plain
-from ui.models import BASE_CHOICE, ModelRegistry
 from ui.prompts import AS_TRAINED, CUSTOM_PROMPT, DEFAULT_PROMPT, list_prompts
 from ui.stopping import StopSignals
 

@@ -1,7 +1,7 @@
 """Hugging Face Space support: the README front matter, the base model a Space serves, and
 `python -m ui.space export ADAPTER --output-dir DIR [--push REPO_ID]` to publish an adapter.
 
-The exported folder is self-contained: app.py, the assistant/ and ui/ packages, prompts/, the adapter
+The exported folder is self-contained: app.py, the assistant/, serve/ and ui/ packages, prompts/, the adapter
 (in adapter/, which app.py picks up) and requirements.txt. Spaces cannot install the embedded GGUF
 package, so an adapter trained on the embedded model is served on its Hub twin, EMBEDDED_HUB_ID.
 """
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTER_DIR = "adapter"  # where an exported Space keeps its adapter; app.py loads it when present
-CODE = ("app.py", "assistant", "ui", "prompts")
+CODE = ("app.py", "assistant", "serve", "ui", "prompts")
 # Runtime packages a Space needs (Spaces install gradio itself, at sdk_version).
 SPACE_PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "sentencepiece",
                   "huggingface_hub", "bitsandbytes")

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from assistant.adapters import with_system
 from assistant.chat_format import encode_prompt
 from assistant.generation import GenerationParams, stream_reply
-from ui.models import BASE_CHOICE, ModelRegistry
+from serve.registry import BASE_CHOICE, ModelRegistry
 
 logger = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ import threading
 from collections.abc import Callable, Iterator
 
 from assistant.generation import GenerationParams
-from ui.models import BASE_CHOICE
+from serve.registry import BASE_CHOICE
 
 logger = logging.getLogger(__name__)
 
-BASE_IDS = ("base",)  # what this project's API and `assistant.vllm_serve` call the base model
+BASE_IDS = ("base",)  # what this project's API and `serve.vllm` call the base model
 
 
 class RemoteModel:

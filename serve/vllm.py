@@ -1,4 +1,4 @@
-"""`python -m assistant.vllm_serve ADAPTER... [--base-model M] [--print]`: serve LoRA adapters on vLLM.
+"""`python -m serve.vllm ADAPTER... [--base-model M] [--print]`: serve LoRA adapters on vLLM.
 
 Checks that every adapter is servable by vLLM's multi-LoRA before a GPU is spent on it, then runs
 (or prints) the exact `vllm serve ... --enable-lora --lora-modules name=path` command. The chat UI
@@ -34,7 +34,7 @@ class NotServable(ValueError):
 
 @dataclass
 class VLLMConfig:
-    """Options of `python -m assistant.vllm_serve`."""
+    """Options of `python -m serve.vllm`."""
 
     adapters: list[str] = field(default_factory=list, metadata={"help": "LoRA adapter folders (positional)."})
     base_model: str | None = field(
@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     """Check the adapters, then run or print the vLLM command."""
     parser = HfArgumentParser(
         VLLMConfig,
-        prog="python -m assistant.vllm_serve",
-        usage="python -m assistant.vllm_serve ADAPTER... [--base-model M] [--print]",
+        prog="python -m serve.vllm",
+        usage="python -m serve.vllm ADAPTER... [--base-model M] [--print]",
     )
     config, rest = parser.parse_args_into_dataclasses(
         args=sys.argv[1:] if argv is None else argv, return_remaining_strings=True
