@@ -29,5 +29,6 @@ RUN useradd --create-home app
 USER app
 
 EXPOSE 7860
-# Bind every interface: inside a container 127.0.0.1 is unreachable from the host.
+# Bind every interface: inside a container 127.0.0.1 is unreachable from the host. The APIs (/v1, /chat)
+# then answer only with a key: docker run -e ASSISTANT_API_KEY=... (secrets never go in CMD).
 CMD ["python", "-m", "ui", "--host", "0.0.0.0"]

@@ -5,6 +5,8 @@ ASSISTANT_BASE_MODEL  base model (default: the adapter's base; 'embedded' when t
 ASSISTANT_ADAPTER     adapter folder or Hub id (default: ./adapter when present, as in an exported Space)
 ASSISTANT_PRECISION   auto | fp32 | bf16 | fp16 | 8bit | 4bit (default: auto)
 ASSISTANT_AUTH        user:password to require a login (default: open)
+ASSISTANT_API_KEY     bearer key for the /chat and /v1 APIs (default: none, and then a Space, bound to
+                      0.0.0.0, answers them to nobody: the browser UI is unaffected)
 ASSISTANT_ADAPTERS_DIR  folder of more adapters for the menu (default: adapters)
 Binds 0.0.0.0:7860 on a Space ($SPACE_ID) or where $GRADIO_SERVER_NAME / $GRADIO_SERVER_PORT say.
 """

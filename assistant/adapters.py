@@ -28,10 +28,55 @@ def adapter_info(adapter: str | Path) -> dict:
     return json.loads(config.read_text())
 
 
+def adapter_base(folder: str | Path) -> str | None:
+    """The base model an adapter folder was trained on ('embedded' for the embedded model's folder)."""
+    from assistant.embedded import EMBEDDED, is_embedded
+
+    try:
+        base = adapter_info(folder).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):  # not an adapter, or a broken config (adapter_problem says)
+        return None
+    return EMBEDDED if is_embedded(base) else base
+
+
 def method_of(info: dict) -> str:
     """'lora' or 'prefix' from a peft config dict."""
     kind = str(info.get("peft_type", "")).upper()
     return {"LORA": "lora", "PREFIX_TUNING": "prefix"}.get(kind, kind.lower())
+
+
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what peft saves
+METHODS = ("lora", "prefix")  # what the app serves
+
+
+def adapter_problem(folder: str | Path) -> str | None:
+    """Why an adapter folder cannot be served, read from its files without loading it (None: it looks fine)."""
+    config = Path(folder) / ADAPTER_CONFIG
+    try:
+        info = json.loads(config.read_text(encoding="utf-8"))
+    except OSError as error:
+        return f"{config}: cannot be read ({error.strerror or error})"
+    except ValueError as error:
+        return f"{config}: not valid JSON ({error}); train the adapter again or fix the file"
+    if not isinstance(info, dict):
+        return f"{config}: not a peft adapter config (a JSON object is expected)"
+    method = method_of(info)
+    if method not in METHODS:
+        return f"{config}: peft_type {info.get('peft_type')!r} is not served here (LORA or PREFIX_TUNING)"
+    if not any((Path(folder) / name).is_file() for name in WEIGHTS):
+        return f"{folder}: no adapter weights ({' or '.join(WEIGHTS)})"
+    return None
+
+
+def folder_signature(folder: str | Path) -> tuple:
+    """Changes when the adapter in `folder` is written again (its config or weights)."""
+    stats = []
+    for name in (ADAPTER_CONFIG, *WEIGHTS):
+        path = Path(folder) / name
+        if path.is_file():
+            stat = path.stat()
+            stats.append((name, stat.st_mtime_ns, stat.st_size))
+    return tuple(stats)
 
 
 def is_listed(folder: Path) -> bool:

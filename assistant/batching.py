@@ -1,21 +1,25 @@
-"""Requests that arrive together are generated together: one batched `generate` per group.
+"""Requests that arrive together are generated together: one batched `generate` per group, per base model.
 
-A worker thread per model takes the first waiting request, gathers whatever arrives within a few
-milliseconds with the same sampling settings, left-pads the prompts into one batch and streams each
-row's tokens to its own queue. Each row stops on its end-of-turn token, its own token budget or its
-own cancel event, so Stop in one browser never ends another's reply.
+One worker thread per base model (its `Host`) takes the oldest waiting request, gathers whatever
+arrives within a few milliseconds that can share its batch, left-pads the prompts into one batch and
+streams each row's tokens to its own queue. Rows of the base model and of any LoRA adapters of it share
+a batch (peft's `adapter_names`); a prefix adapter's rows batch on their own. Each row stops on its
+end-of-turn token, its own token budget, its own minimum length or its own cancel event, so Stop in
+one browser never ends another's reply.
 
 A request that arrives while a batch runs joins it: the batch pauses after its current token, its
 rows keep their keys/values, the newcomers' prompts are run through the model, and all of them go on
 as one batch. The newcomer does not wait for the longest reply to finish (measured with 8 chats
 through the app: every first token within 0.8 s instead of up to 4.5 s). Prefix-tuned models, whose
 cache peft builds itself, run their rows' prompts and replies through the model again instead.
+A request that cannot join (other sampling settings, another prefix adapter) never waits behind later
+ones: once it is the oldest, the running batch yields after SLICE_S and goes to the back of the line.
+An error inside a batch fails that batch's requests (they receive the exception) and the engine goes on.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
 import queue
 import threading
@@ -24,34 +28,47 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
+
+from assistant.loading import MAIN
 
 logger = logging.getLogger(__name__)
 
 MAX_BATCH = 8  # rows per batched generate call
-GATHER_ROUNDS = 5  # at most 5 x gather_s of extra latency for the first request of a burst
+GATHER_S = 0.01  # a burst's requests arriving this close together start in one batch
+GATHER_ROUNDS = 3  # at most 3 x GATHER_S of extra latency, and only while a burst is still arriving
 MIN_STEPS = 4  # tokens a batch makes before it pauses for newcomers: progress between joins
+SLICE_S = 1.0  # a batch runs at least this long before it yields to an older request it cannot take
 END = None  # pushed to a request's queue when its reply is complete
 
 
 @dataclass
 class Request:
-    """One reply to generate: prompt ids in, token ids out through `tokens`."""
+    """One reply to generate: prompt ids in, token ids out through `tokens` (then END, or an exception)."""
 
     ids: list[int]
     params: object  # assistant.generation.GenerationParams (not imported: it imports this module)
-    use_adapter: bool
     cancel: threading.Event
+    adapter: str | None = None  # the adapter's name on the host; None: the base model
+    group: str = MAIN  # rows batch only within a group (base + LoRA rows, or one prefix adapter's)
+    stop_ids: frozenset[int] = frozenset()  # end-of-turn tokens of the tokenizer it is served with
     tokens: queue.Queue = field(default_factory=queue.Queue)
     done: bool = False
     reply: list[int] = field(default_factory=list)  # tokens sent so far
     kv: list | None = None  # per layer (keys, values) of context[:-1], kept while paused for newcomers
+    queued: float = field(default_factory=time.monotonic)  # its place in line: the oldest goes first
 
     @property
     def key(self) -> tuple:
-        """Sampling settings + adapter on/off: only equal keys share a batch."""
-        return self.params.batch_key(self.use_adapter)
+        """Sampling settings + batch group: only equal keys share a batch."""
+        return (*self.params.batch_key(), self.group)
 
     @property
     def context(self) -> list[int]:
@@ -65,33 +82,53 @@ class Request:
 
 
 class _RowStop(StoppingCriteria):
-    """Per-row stop (finished or cancelled); every row stops when the batch pauses for newcomers.
+    """Per-row stop (finished or cancelled); every row stops when the batch pauses.
 
-    A pause costs a prompt pass (the newcomers'; every row's for prefix-tuned models), so a batch first
-    decodes for at least as long as its own prompt pass took: under a steady stream of arrivals at most
-    half the time goes to prompt passes.
+    A batch pauses for newcomers that can join it, for an older request it cannot take (after
+    SLICE_S) and for an adapter being attached. A join costs a prompt pass (the newcomers'; every
+    row's for prefix-tuned models), so a batch first decodes for at least as long as its own prompt
+    pass took: under a steady stream of arrivals at most half the time goes to prompt passes.
     """
 
     def __init__(self, batch: list[Request], engine: BatchEngine):
         self.batch, self.engine, self.steps = batch, engine, 0
         self.started, self.first_step_at = time.monotonic(), None
+        self.reason: str | None = None  # why the batch paused: "join", "yield" or "attach"
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
         self.steps += 1
         now = time.monotonic()
         self.first_step_at = self.first_step_at or now
-        decoded_long_enough = now - self.first_step_at >= self.first_step_at - self.started
-        pause = self.steps >= MIN_STEPS and decoded_long_enough and self.engine.joiners_waiting(self.batch)
+        if self.engine.host.attaching.is_set():
+            self.reason = "attach"
+        elif self.steps >= MIN_STEPS:
+            decoded_long_enough = now - self.first_step_at >= self.first_step_at - self.started
+            reason = self.engine.pause_for(self.batch, now - self.started)
+            if reason == "yield" or (reason == "join" and decoded_long_enough):
+                self.reason = reason
         return torch.tensor(
-            [pause or r.done or r.cancel.is_set() for r in self.batch], device=input_ids.device
+            [self.reason is not None or r.done or r.cancel.is_set() for r in self.batch], device=input_ids.device
         )
+
+
+class _MinTokens(LogitsProcessor):
+    """Each row's own minimum length: its end-of-turn tokens are ruled out until it has that many."""
+
+    def __init__(self, batch: list[Request]):
+        self.batch = batch
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row, r in enumerate(self.batch):
+            if len(r.reply) < r.params.min_new_tokens and r.stop_ids:
+                scores[row, list(r.stop_ids)] = -float("inf")
+        return scores
 
 
 class _RowStreamer(BaseStreamer):
     """Routes each step's new tokens to the requests' queues; ends a row at its stop token, budget or cancel."""
 
-    def __init__(self, batch: list[Request], stop_ids: set[int]):
-        self.batch, self.stop_ids, self.prompt_seen = batch, stop_ids, False
+    def __init__(self, batch: list[Request]):
+        self.batch, self.prompt_seen = batch, False
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() first hands over the prompt itself
@@ -100,49 +137,63 @@ class _RowStreamer(BaseStreamer):
         for request, token in zip(self.batch, value.reshape(-1).tolist(), strict=True):
             if request.done:
                 continue
-            if token in self.stop_ids or request.cancel.is_set():
-                self._finish(request)
+            if token in request.stop_ids or request.cancel.is_set():
+                _finish(request)
                 continue
             request.reply.append(token)
             request.tokens.put(token)
             if request.budget <= 0:
-                self._finish(request)
+                _finish(request)
 
     def end(self) -> None:
-        """Nothing: rows still open when generate() returns paused for newcomers (see BatchEngine._run)."""
+        """Nothing: rows still open when generate() returns paused (see BatchEngine._run)."""
 
-    @staticmethod
-    def _finish(request: Request) -> None:
-        request.kv = None
-        if not request.done:
-            request.done = True
-            request.tokens.put(END)
+
+def _finish(request: Request, error: BaseException | None = None) -> None:
+    """Close a request: END, or the error that ended its batch."""
+    request.kv = None
+    if not request.done:
+        request.done = True
+        request.tokens.put(END if error is None else error)
 
 
 class BatchEngine:
-    """The single generation thread of one ChatModel."""
+    """The single generation thread of one base model (Host) and every adapter on it."""
 
-    def __init__(self, chat, max_batch: int = MAX_BATCH, gather_s: float = 0.03):
-        self.chat, self.max_batch, self.gather_s = chat, max_batch, gather_s
+    def __init__(self, host, max_batch: int = MAX_BATCH, gather_s: float = GATHER_S):
+        self.host, self.max_batch, self.gather_s = host, max_batch, gather_s
         self.waiting: list[Request] = []
         self.running: list[Request] = []  # rows of the generate call in progress, if any
         self.cond = threading.Condition()
         self.closed = False  # set at interpreter exit: the thread ends between batches
+        self.failure: BaseException | None = None  # what ended the thread, if anything did
         self.thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
         self.thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """The thread still serves requests."""
+        return self.thread.is_alive() and not self.closed
+
     def submit(self, request: Request) -> Request:
-        """Queue a request; its tokens arrive on `request.tokens`, then END."""
+        """Queue a request; its tokens arrive on `request.tokens`, then END (or an exception)."""
         with self.cond:
+            if not self.alive:
+                raise RuntimeError(f"the generation engine has stopped ({self.failure or 'closed'}); restart the app")
             self.waiting.append(request)
             self.cond.notify()
         return request
 
-    def joiners_waiting(self, batch: list[Request]) -> bool:
-        """A waiting request could join this batch (same settings, room left)."""
+    def pause_for(self, batch: list[Request], ran_s: float) -> str | None:
+        """'join' when the oldest waiting request can join this batch, 'yield' when it cannot and the batch
+        has had its slice, else None."""
         with self.cond:
-            open_rows = sum(not r.done for r in batch)
-            return open_rows < self.max_batch and any(r.key == batch[0].key for r in self.waiting)
+            if not self.waiting:
+                return None
+            oldest = min(self.waiting, key=lambda r: r.queued)
+            if oldest.key != batch[0].key:
+                return "yield" if ran_s >= SLICE_S else None
+            return "join" if sum(not r.done for r in batch) < self.max_batch else None
 
     def close(self, timeout: float = 10.0) -> None:
         """End the engine thread once its current batch is done (waiting requests are not started)."""
@@ -157,8 +208,8 @@ class BatchEngine:
                 if self.closed:
                     return None
                 self.cond.wait()
-        # Let requests sent together arrive together: wait while a burst is still arriving (bounded).
-        seen = 0
+            seen = len(self.waiting)
+        # Requests sent together start together: wait while a burst is still arriving (a few ms, bounded).
         for _ in range(GATHER_ROUNDS):
             time.sleep(self.gather_s)
             with self.cond:
@@ -166,61 +217,78 @@ class BatchEngine:
                     break
                 seen = len(self.waiting)
         with self.cond:
-            key = self.waiting[0].key
-            batch = [r for r in self.waiting if r.key == key][: self.max_batch]
+            key = min(self.waiting, key=lambda r: r.queued).key
+            batch = sorted((r for r in self.waiting if r.key == key), key=lambda r: r.queued)[: self.max_batch]
             self.waiting = [r for r in self.waiting if r not in batch]
         return batch
 
     def _loop(self) -> None:
-        while (batch := self._take_batch()) is not None:
-            live = [r for r in batch if not r.cancel.is_set()]
-            for r in batch:
-                if r not in live:
-                    _RowStreamer._finish(r)
-            if live:
-                self._run(live)
+        try:
+            while (batch := self._take_batch()) is not None:
+                try:
+                    live = [r for r in batch if not r.cancel.is_set()]
+                    for r in batch:
+                        if r not in live:
+                            _finish(r)
+                    if live:
+                        self._run(live)
+                except Exception as error:  # a bug outside generate(): fail this batch, serve the next
+                    logger.exception("the generation engine failed a batch")
+                    for r in batch:
+                        _finish(r, error)
+        except BaseException as error:  # the thread is ending: nobody may wait for it
+            self.failure = error
+            raise
+        finally:
+            with self.cond:
+                self.closed, orphans, self.waiting = True, self.waiting, []
+            for r in orphans:
+                _finish(r, RuntimeError("the generation engine stopped"))
 
     def _run(self, batch: list[Request]) -> None:
-        chat = self.chat
-        pad = chat.tokenizer.pad_token_id
-        device = next(chat.model.parameters()).device
+        host = self.host
+        pad = host.tokenizer.pad_token_id
+        device = next(host.base.parameters()).device
         # Left padding: every row's next token is at the same (last) position.
         ids, mask = _left_padded([r.context for r in batch], pad, device)
-        reuse = chat.method != "prefix"  # peft's prefix tuning builds its own cache
+        reuse = batch[0].group == MAIN  # peft's prefix tuning builds its own cache
         if len(batch) > 1:
             logger.info("generating %d replies in one batch", len(batch))
         self.running = batch
-        output = None
+        output, stop, error = None, _RowStop(batch, self), None
+        while host.attaching.is_set():  # an adapter is attaching: let it have the model first (< 1 s)
+            time.sleep(0.005)
         try:
-            with chat.lock, torch.inference_mode():
+            with host.lock, torch.inference_mode():
                 if batch[0].params.seed is not None:
                     torch.manual_seed(batch[0].params.seed)
-                adapter_off = chat.adapter and not batch[0].use_adapter
-                with chat.model.disable_adapter() if adapter_off else contextlib.nullcontext():
+                model, context, extra = host.runner(batch[0].group, [r.adapter for r in batch])
+                with context:
                     resumed = reuse and any(r.kv for r in batch)
-                    output = chat.model.generate(
+                    output = model.generate(
                         input_ids=ids,
                         attention_mask=mask,
                         past_key_values=self._batch_cache(batch, pad, device) if resumed else None,
                         return_dict_in_generate=True,
-                        streamer=_RowStreamer(batch, set(_stop_ids(chat))),
-                        stopping_criteria=StoppingCriteriaList([_RowStop(batch, self)]),
+                        streamer=_RowStreamer(batch),
+                        stopping_criteria=StoppingCriteriaList([stop]),
+                        logits_processor=LogitsProcessorList([_MinTokens(batch)]),
                         pad_token_id=pad,
+                        **extra,
                         **_budgeted(batch[0].params.generate_kwargs(), batch),
                     )
-        except Exception as error:  # the requests must learn of it, not hang
+        except Exception as caught:  # the requests must learn of it, not hang
             logger.exception("generation failed")
-            for r in batch:
-                if not r.done:
-                    r.done = True
-                    r.tokens.put(error)
+            error = caught
         finally:
-            # Rows still open paused for newcomers: they go first in the next batch, with what they have.
-            paused = [r for r in batch if not r.done and not r.cancel.is_set() and r.budget > 0]
+            # Rows still open paused: they go on in a later batch, with what they have.
+            paused = [] if error else [r for r in batch if not r.done and not r.cancel.is_set() and r.budget > 0]
             for row, r in enumerate(batch):
                 r.kv = self._kept_kv(output, row, r) if reuse and r in paused and output is not None else None
                 if r not in paused:
-                    _RowStreamer._finish(r)
+                    _finish(r, error)
+                elif stop.reason == "yield":
+                    r.queued = time.monotonic()  # behind the older request it yielded to
             with self.cond:
                 self.waiting = paused + self.waiting
             self.running = []
@@ -240,13 +308,15 @@ class BatchEngine:
         if new:
             contexts = [r.context[:-1] for r in new]
             ids, mask = _left_padded(contexts, pad, device)
-            out = self.chat.model(
+            model, _, extra = self.host.runner(MAIN, [r.adapter for r in new])
+            out = model(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0),  # as generate() numbers padded rows
                 past_key_values=DynamicCache(),
                 use_cache=True,
                 logits_to_keep=1,
+                **extra,
             )
             for row, (r, context) in enumerate(zip(new, contexts, strict=True)):
                 r.kv = _row_kv(out.past_key_values, row, len(context))
@@ -280,17 +350,15 @@ def _row_kv(cache, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tens
 
 def _budgeted(kwargs: dict, batch: list[Request]) -> dict:
     """generate() limits for a batch whose rows have spent different parts of their budgets."""
-    spent = [len(r.reply) for r in batch]
     kwargs["max_new_tokens"] = max(r.budget for r in batch)  # each row also stops at its own budget
-    if "min_new_tokens" in kwargs:
-        kwargs["min_new_tokens"] = max(0, kwargs["min_new_tokens"] - max(spent))
     return kwargs
 
 
-def _stop_ids(chat) -> list[int]:
-    eos = chat.model.generation_config.eos_token_id
+def stop_ids(model, tokenizer) -> frozenset[int]:
+    """End-of-turn tokens: the model's generation config's and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    return eos + [chat.tokenizer.eos_token_id]
+    return frozenset(eos + [tokenizer.eos_token_id])
 
 
 _engines_lock = threading.Lock()
@@ -316,10 +384,10 @@ def _close_engines() -> None:
         engine.close()
 
 
-def engine_for(chat) -> BatchEngine:
-    """The model's batch engine, started on first use."""
+def engine_for(host) -> BatchEngine:
+    """The base model's batch engine, started on first use (a new one if the last one stopped)."""
     with _engines_lock:
-        if chat.engine is None:
-            chat.engine = BatchEngine(chat)
-            _engines.append(chat.engine)
-        return chat.engine
+        if host.engine is None or not host.engine.thread.is_alive():
+            host.engine = BatchEngine(host)
+            _engines.append(host.engine)
+        return host.engine

@@ -53,8 +53,9 @@ def embedded_model_dir() -> Path:
 
 
 def is_embedded(name: str | None) -> bool:
-    """True for 'embedded' and for its cache folder (what adapters made on it may name as their base)."""
-    return name == EMBEDDED or (name is not None and Path(name).resolve() == _cache_dir().resolve())
+    """True for 'embedded' and for its prepared folder, here or on the machine that trained an adapter
+    (peft records that folder's path as the adapter's base)."""
+    return name == EMBEDDED or (name is not None and Path(name).name == _cache_dir().name)
 
 
 def _cache_dir() -> Path:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from assistant.batching import END, Request, engine_for
+from assistant.batching import END, Request, engine_for, stop_ids
 from assistant.chat_format import encode_prompt
-from assistant.loading import ChatModel
+from assistant.loading import MAIN, ChatModel
 
 logger = logging.getLogger(__name__)
 
 UPDATE_INTERVAL_S = 0.1  # the growing reply is yielded at most 10 times a second
+POLL_S = 1.0  # how often a waiting reply checks that the engine thread is still alive
+STALL_S = 600.0  # no token for this long: the reply fails instead of waiting forever
 
 
 @dataclass
@@ -29,16 +32,12 @@ class GenerationParams:
     seed: int | None = None
     min_new_tokens: int = 0  # no end of turn before this many tokens (benchmarks time exact lengths)
 
-    def batch_key(self, use_adapter: bool) -> tuple:
-        """Requests with equal keys can share one batched generate call (each keeps its own length)."""
-        return (
-            self.temperature,
-            self.top_p,
-            self.top_k,
-            self.repetition_penalty,
-            self.seed,
-            use_adapter,
-        )
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one batched generate call.
+
+        Lengths (max and min new tokens) are per row; the seed is not (it seeds the batch's sampler).
+        """
+        return (self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.seed)
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments for `model.generate`."""
@@ -47,9 +46,7 @@ class GenerationParams:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if self.min_new_tokens:
-            kwargs["min_new_tokens"] = self.min_new_tokens
-        return kwargs
+        return kwargs  # min_new_tokens is applied per row by the batch engine
 
 
 def fit_history(tokenizer, messages: list[dict[str, str]], budget: int) -> tuple[list[int], int]:
@@ -88,11 +85,15 @@ def stream_reply(
         logger.info("history trimmed: %d oldest messages left out to fit the context window", dropped)
         if on_trim:
             on_trim(dropped)
-    request = engine_for(chat).submit(Request(ids, params, use_adapter, cancel))
+    engine = engine_for(chat.host)
+    request = engine.submit(
+        Request(ids, params, cancel, adapter=chat.adapter_name if use_adapter else None,
+                group=chat.group if use_adapter else MAIN, stop_ids=stop_ids(chat.model, chat.tokenizer))
+    )
     tokens: list[int] = []
     shown, shown_at = "", 0.0
     try:
-        while (token := request.tokens.get()) is not END:
+        while (token := _next_token(engine, request)) is not END:
             if isinstance(token, BaseException):
                 raise RuntimeError(f"generation failed: {token}") from token
             tokens.append(token)
@@ -106,6 +107,22 @@ def stream_reply(
     finally:
         # Reached on normal end, on Stop and when the consumer goes away (generator closed).
         cancel.set()
+
+
+def _next_token(engine, request: Request):
+    """The request's next token, END or an exception; never waits on an engine that is gone or stalled."""
+    waited = 0.0
+    while True:
+        try:
+            return request.tokens.get(timeout=POLL_S)
+        except queue.Empty:
+            waited += POLL_S
+            if not engine.thread.is_alive():
+                return request.tokens.get_nowait() if not request.tokens.empty() else RuntimeError(
+                    f"the generation engine stopped ({engine.failure or 'closed'})"
+                )
+            if waited >= STALL_S:
+                return TimeoutError(f"no token for {STALL_S:.0f} s; the request was cancelled")
 
 
 def _visible(chat: ChatModel, tokens: list[int], shown: str) -> str | None:

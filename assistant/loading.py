@@ -1,33 +1,138 @@
-"""Load a base model plus an optional adapter folder from the trainer, ready to chat."""
+"""Load a base model once and attach adapter folders from the trainer to it by name, ready to chat.
+
+A `Host` is one base model in memory. Every adapter of that base attaches to it: a LoRA adapter as
+a named peft adapter (rows of different LoRA adapters and of the base decode in one batch, through
+peft's `adapter_names`), a prefix adapter as a peft wrapper of its own around the same weights. An
+extra adapter costs its own weights (a few MB), never another copy of the base. A `ChatModel` is one
+servable choice: a host, an adapter on it (or none) and the tokenizer it must be served with.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from assistant.adapters import TrainedPrompt, adapter_info, method_of, trained_prompt
-from assistant.embedded import EMBEDDED
+from assistant.adapters import (
+    TrainedPrompt,
+    adapter_base,
+    adapter_info,
+    folder_signature,
+    method_of,
+    trained_prompt,
+)
+from assistant.embedded import EMBEDDED, is_embedded
 from assistant.models import Precision, load_base_model, load_tokenizer, pick_precision
 
 logger = logging.getLogger(__name__)
 
+BASE_ROW = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+MAIN = "main"  # the batch group of base and LoRA rows; each prefix adapter is a group of its own
+
+
+@dataclass
+class Host:
+    """One base model in memory with every adapter attached to it so far; one engine thread serves them all."""
+
+    name: str  # the base as the user named it ('embedded', a Hub id or a folder)
+    base: object  # the transformers model; LoRA layers are injected into it in place
+    tokenizer: object  # the base's own tokenizer
+    precision: Precision
+    lora: object = None  # the peft model holding every LoRA adapter (None until the first one)
+    prefix: dict = field(default_factory=dict)  # adapter name -> its peft prefix-tuning model
+    folders: dict = field(default_factory=dict)  # (resolved folder, its signature) -> adapter name
+    # Held while a batch runs and while an adapter attaches (attaching mutates the model).
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    attaching: threading.Event = field(default_factory=threading.Event, repr=False)  # running batches pause
+    engine: object = field(default=None, repr=False)  # its BatchEngine, started on first reply
+
+    def attach(self, folder: str | Path) -> tuple[str, str]:
+        """Attach an adapter folder (once) and return (its adapter name, its method)."""
+        key = (str(Path(folder).resolve()), folder_signature(folder))  # a retrained adapter attaches anew
+        if key in self.folders:
+            name = self.folders[key]
+            return name, "prefix" if name in self.prefix else "lora"
+        method = method_of(adapter_info(folder))
+        name = f"adapter{len(self.folders)}"  # peft module keys: no dots, nothing like "lora_"
+        self.attaching.set()  # a running batch pauses at its next token and releases the lock
+        try:
+            with self.lock:
+                _in_short_thread(self._attach, folder, name, method)
+        finally:
+            self.attaching.clear()
+        self.folders[key] = name
+        return name, method
+
+    def _attach(self, folder: str | Path, name: str, method: str) -> None:
+        from peft import PeftConfig, PeftModel
+
+        config = PeftConfig.from_pretrained(str(folder))
+        config.inference_mode = True
+        quantized = self.precision.name == "int4"
+        if method == "lora":
+            from assistant import lora_batch
+
+            lora_batch.enable()  # rows of any number of LoRA adapters in one batch at the cost of one
+        if quantized and method == "lora":
+            from peft.tuners.lora import Linear as LoraLinear
+
+            from assistant.quant import Int4Linear, Int8Linear
+
+            # peft wraps its own layer types only; ours expose in_features/out_features and a forward.
+            config._register_custom_module({Int4Linear: LoraLinear, Int8Linear: LoraLinear})
+        with warnings.catch_warnings():
+            # peft warns about our custom layer types and about a model wrapped by a second peft model.
+            warnings.simplefilter("ignore", UserWarning)
+            if method == "prefix":
+                model = PeftModel.from_pretrained(self.base, str(folder), adapter_name=name, config=config)
+                self.prefix[name] = model
+            elif self.lora is None:
+                self.lora = PeftModel.from_pretrained(self.base, str(folder), adapter_name=name, config=config)
+                model = self.lora
+            else:
+                self.lora.add_adapter(name, config)
+                self.lora.load_adapter(str(folder), adapter_name=name)
+                model = self.lora
+        if not self.precision.bits:  # bitsandbytes models cannot be cast; peft casts per layer there
+            model.to(self.precision_dtype)  # the adapter's weights compute in the base's dtype
+        model.eval()
+
+    @property
+    def precision_dtype(self):
+        """The dtype the base computes in (bf16 for int4)."""
+        import torch
+
+        return torch.bfloat16 if self.precision.name == "int4" else self.precision.dtype
+
+    def runner(self, group: str, adapters: list[str | None]) -> tuple[object, contextlib.AbstractContextManager, dict]:
+        """(model, context, generate kwargs) for a batch of `group` whose rows use `adapters` (None: base)."""
+        if group != MAIN:  # a prefix adapter: its own wrapper, with every LoRA layer switched off
+            return self.prefix[group], self.lora.disable_adapter() if self.lora else contextlib.nullcontext(), {}
+        if self.lora is None:
+            return self.base, contextlib.nullcontext(), {}
+        return self.lora, contextlib.nullcontext(), {"adapter_names": [a or BASE_ROW for a in adapters]}
+
+    def describe(self) -> str:
+        """e.g. 'embedded (cpu, int4 weights, bf16 compute)'."""
+        return f"{self.name} ({self.precision.describe()})"
+
 
 @dataclass
 class ChatModel:
-    """A loaded model with the tokenizer (and chat template) it must be served with."""
+    """One servable choice: a base model (its Host), an adapter on it or none, and the tokenizer to serve with."""
 
-    model: object
+    model: object  # what a forward pass of this choice runs (the peft model for an adapter)
     tokenizer: object
     base_model: str
     precision: Precision
-    adapter: str | None = None
+    adapter: str | None = None  # the adapter folder
     method: str | None = None  # "lora" | "prefix" | None
-    # One generation at a time per model: peft's disable_adapter() (compare mode) mutates the model.
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    engine: object = field(default=None, repr=False)  # its BatchEngine, started on first reply
     trained_prompt: TrainedPrompt | None = None  # the system prompt the adapter was trained with
+    host: Host | None = field(default=None, repr=False)
+    adapter_name: str | None = None  # its name on the host
 
     def describe(self) -> str:
         """Human summary for the log and the UI."""
@@ -37,65 +142,87 @@ class ChatModel:
         return f"{what} ({self.precision.describe()})"
 
     @property
+    def group(self) -> str:
+        """The batch group of this choice's rows (base and LoRA rows share one)."""
+        return self.adapter_name if self.method == "prefix" else MAIN
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Held by whoever runs the host's model (the engine's batches, scoring, attaching)."""
+        return self.host.lock
+
+    @property
     def context_window(self) -> int:
         """Tokens the model attends over (prompt + reply)."""
-        return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        return int(getattr(self.host.base.config, "max_position_embeddings", 2048) or 2048)
+
+
+def load_host(base: str, precision: str = "auto") -> Host:
+    """A base model in the chosen precision (int4 packed already), with no adapter yet."""
+    chosen = pick_precision(precision, base=base)
+    return _in_short_thread(_load_host, base, chosen)
+
+
+def _load_host(base: str, chosen: Precision) -> Host:
+    tokenizer = load_tokenizer(base)
+    model = load_base_model(base, chosen)
+    if chosen.name == "int4":
+        from assistant.quant import quantize_for_cpu
+
+        quantize_for_cpu(model)
+    model.eval()
+    return Host(base, model, tokenizer, chosen)
+
+
+def chat_model(host: Host, adapter: str | Path | None = None) -> ChatModel:
+    """The choice `adapter` (None: the base model) on `host`, attaching the adapter when it is new."""
+    if adapter is None:
+        return ChatModel(host.base, host.tokenizer, host.name, host.precision, host=host)
+    name, method = host.attach(adapter)
+    # The adapter folder carries the tokenizer and template it was trained with: serve exactly those.
+    has_tokenizer = (Path(adapter) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(adapter)) if has_tokenizer else host.tokenizer
+    model = host.prefix[name] if method == "prefix" else host.lora
+    chat = ChatModel(model, tokenizer, host.name, host.precision, str(adapter), method,
+                     trained_prompt(adapter), host, name)
+    logger.info("chat model ready: %s", chat.describe())
+    return chat
 
 
 def load_chat_model(
     base_model: str | None = None, adapter: str | Path | None = None, precision: str = "auto"
 ) -> ChatModel:
     """Base model (default: the adapter's base, else the embedded model) plus an optional adapter."""
-    # Loading runs torch's parallel ops; a thread that does so keeps an OpenMP thread team for life.
-    # With more OpenMP threads alive than CPUs, libgomp stops spin-waiting between ops, which halved the
-    # batch engine's decode speed (bench.decode_speed: 27 vs 52 tokens/s on 2 cores). A short-lived
-    # thread takes its team with it, so the engine thread's team is the one left.
+    if adapter:
+        adapter_info(adapter)  # a clear error when the folder is not an adapter
+    return chat_model(load_host(base_of(base_model, adapter), precision), adapter)
+
+
+def base_of(base_model: str | None, adapter: str | Path | None) -> str:
+    """The base a chat model loads: the one given, else its adapter's, else the embedded model."""
+    base = base_model or (adapter_base(adapter) if adapter else None) or EMBEDDED
+    return EMBEDDED if is_embedded(base) else base
+
+
+def _in_short_thread(fn, *args):
+    """Run `fn` in a thread that ends with it, re-raising its error here.
+
+    Loading runs torch's parallel ops; a thread that does so keeps an OpenMP thread team for life.
+    With more OpenMP threads alive than CPUs, libgomp stops spin-waiting between ops, which halved the
+    batch engine's decode speed (bench.decode_speed: 27 vs 52 tokens/s on 2 cores). A short-lived
+    thread takes its team with it, so the engine thread's team is the one left.
+    """
     result: list = []
-    worker = threading.Thread(
-        target=lambda: result.append(_capture(_load, base_model, adapter, precision)),
-        name="model-load",
-        daemon=True,  # Ctrl+C while loading ends the process
-    )
+
+    def run() -> None:
+        try:
+            result.append(fn(*args))
+        except BaseException as error:  # re-raised in the caller's thread
+            result.append(error)
+
+    worker = threading.Thread(target=run, name="model-load", daemon=True)  # Ctrl+C while loading ends the process
     worker.start()
     worker.join()
     if isinstance(result[0], BaseException):
         raise result[0]
     return result[0]
-
-
-def _capture(fn, *args):
-    try:
-        return fn(*args)
-    except BaseException as error:  # re-raised in the caller's thread
-        return error
-
-
-def base_of(base_model: str | None, info: dict) -> str:
-    """The base a chat model loads: the one given, else its adapter's (peft config `info`), else the embedded."""
-    return base_model or info.get("base_model_name_or_path") or EMBEDDED
-
-
-def _load(base_model: str | None, adapter: str | Path | None, precision: str) -> ChatModel:
-    info = adapter_info(adapter) if adapter else {}
-    base = base_of(base_model, info)
-    chosen = pick_precision(precision, base=base)
-    # The adapter folder carries the tokenizer and template it was trained with: serve exactly those.
-    has_tokenizer = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(adapter) if has_tokenizer else base)
-    model = load_base_model(base, chosen)
-    method = None
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
-        method = method_of(info)
-    if chosen.name == "int4":
-        from assistant.quant import quantize_for_cpu
-
-        quantize_for_cpu(model)
-    model.eval()
-    chat = ChatModel(
-        model, tokenizer, base, chosen, str(adapter) if adapter else None, method, trained_prompt=trained_prompt(adapter)
-    )
-    logger.info("chat model ready: %s", chat.describe())
-    return chat

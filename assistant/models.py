@@ -105,10 +105,15 @@ def load_tokenizer(name_or_path: str):
 
 def load_base_model(name: str, precision: Precision):
     """Causal LM in the given precision, on the GPU when there is one."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": precision.dtype}
     if precision.bits:
+        from transformers import BitsAndBytesConfig
+
+        from assistant.optional import require_bitsandbytes
+
+        require_bitsandbytes()  # held back until now (assistant.optional)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_8bit=precision.bits == 8,
             load_in_4bit=precision.bits == 4,

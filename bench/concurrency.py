@@ -3,6 +3,11 @@
 Starts the app (`python -m ui`) on a free 127.0.0.1 port, sends N chats at once through
 gradio_client to its `/chat` endpoint, and stops the server at the end. Every request has a
 deadline; a request past it is cancelled and counted as a failure.
+
+`--adapters N` measures serving many adapters of one base instead: N LoRA adapters (train.sft's
+default shape, random weights) in the app's adapters folder; the server's resident memory with 1
+and with all N attached, and the aggregate tokens/s of 8 chats spread over 4 adapters against 8
+chats on one adapter, through the OpenAI API.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from bench.common import (
     RESULTS,
     ROOT,
     bar_chart,
+    cpu_name,
     log,
     machine_load,
     median,
@@ -67,6 +73,11 @@ class ConcurrencyConfig:
         metadata={"help": "Benchmark an app already running at this URL instead of starting one."},
     )
     precision: str = field(default="auto", metadata={"help": "--precision of the app it starts."})
+    adapters: int = field(
+        default=0,
+        metadata={"help": "Measure N LoRA adapters on one base (memory with 1 and N attached, 8 chats over "
+                          "4 adapters vs 1) instead of the chat levels; 0: the chat levels."},
+    )
     quick: bool = field(default=False, metadata={"help": "CI smoke run: 8 new tokens per request."})
     output: str = field(
         default=str(RESULTS / f"{NAME}.json"), metadata={"help": "Where to write the JSON results."}
@@ -88,8 +99,8 @@ def free_port() -> int:
 class AppServer:
     """`python -m ui` in its own process group, on 127.0.0.1, with no adapters listed (the base model serves)."""
 
-    def __init__(self, startup_timeout: float, precision: str = "auto"):
-        self.port, self.precision = free_port(), precision
+    def __init__(self, startup_timeout: float, precision: str = "auto", adapters: int = 0):
+        self.port, self.precision, self.adapters = free_port(), precision, adapters
         self.url = f"http://127.0.0.1:{self.port}/"
         self.startup_timeout = startup_timeout
         self.folder = tempfile.TemporaryDirectory(prefix="bench-app-")
@@ -99,6 +110,8 @@ class AppServer:
     def __enter__(self) -> AppServer:
         adapters = Path(self.folder.name) / "adapters"
         adapters.mkdir()
+        if self.adapters:
+            write_adapters(adapters, self.adapters)
         env = {
             **os.environ,
             "GRADIO_ANALYTICS_ENABLED": "False",
@@ -164,6 +177,34 @@ class AppServer:
         self.folder.cleanup()
 
 
+def write_adapters(folder: Path, n: int) -> None:
+    """N LoRA adapters of train.sft's default shape (r 16, every linear layer) with random weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from assistant.models import load_base_model, load_tokenizer, pick_precision
+
+    tokenizer = load_tokenizer("embedded")
+    for i in range(n):
+        torch.manual_seed(i)
+        config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(load_base_model("embedded", pick_precision("fp32")), config)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.01)
+        model.save_pretrained(folder / f"adapter{i}")
+        tokenizer.save_pretrained(folder / f"adapter{i}")
+
+
+def resident_mb(pid: int) -> float:
+    """Resident memory of a process, MB (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
 @dataclass
 class Outcome:
     """One request's result."""
@@ -173,6 +214,7 @@ class Outcome:
     end_s: float | None = None
     reply: str = ""
     error: str | None = None
+    model: str = "base"  # the model id an API chat asks for
 
 
 def one_chat(client, message: str, config: ConcurrencyConfig, t0: float, outcome: Outcome) -> None:
@@ -196,9 +238,9 @@ def one_chat(client, message: str, config: ConcurrencyConfig, t0: float, outcome
 
 
 def one_api_chat(client, message: str, config: ConcurrencyConfig, t0: float, outcome: Outcome) -> None:
-    """The same chat through the OpenAI-compatible API (streamed, `openai` SDK)."""
+    """The same chat through the OpenAI-compatible API (streamed, `openai` SDK); `outcome.model` picks the model."""
     stream = client.chat.completions.create(
-        model="base",
+        model=outcome.model,
         messages=[{"role": "user", "content": message}],
         stream=True,
         max_tokens=config.max_new_tokens,
@@ -236,10 +278,16 @@ def _clients(url: str, n: int, api: bool) -> list:
     return [Client(url, verbose=False) for _ in range(n)]
 
 
-def run_level(url: str, n: int, config: ConcurrencyConfig, count_tokens, api: bool = False) -> dict:
-    """N simultaneous chats; aggregate tokens/s over the round's wall time and TTFT percentiles."""
+def run_level(
+    url: str, n: int, config: ConcurrencyConfig, count_tokens, api: bool = False, models: list[str] | None = None
+) -> dict:
+    """N simultaneous chats; aggregate tokens/s over the round's wall time and TTFT percentiles.
+
+    `models`: the API model ids the chats ask for, in turn (default: the base model).
+    """
     clients = _clients(url, n, api)
-    outcomes = [Outcome(MESSAGES[i % len(MESSAGES)]) for i in range(n)]
+    outcomes = [Outcome(MESSAGES[i % len(MESSAGES)], model=(models or ["base"])[i % len(models or ["base"])])
+                for i in range(n)]
     start: list[float] = [0.0]
     barrier = threading.Barrier(n + 1)
     threads = [
@@ -321,12 +369,65 @@ def measure(url: str, config: ConcurrencyConfig, api: bool = False) -> dict[int,
     return results
 
 
+def measure_adapters(server: AppServer, config: ConcurrencyConfig) -> dict:
+    """Memory with 1 and N adapters attached; 8 chats over 4 adapters vs 8 on one (OpenAI API, greedy)."""
+    from assistant.models import load_tokenizer
+
+    tokenizer = load_tokenizer("embedded")
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+    names = [f"adapter{i}" for i in range(config.adapters)]
+    started_mb = resident_mb(server.proc.pid)  # the default choice (adapter0) is loaded at start
+    run_level(server.url, 1, config, count_tokens, api=True, models=names[:1])  # warm
+    one_mb = resident_mb(server.proc.pid)
+    for name in names[1:]:
+        run_level(server.url, 1, config, count_tokens, api=True, models=[name])
+    all_mb = resident_mb(server.proc.pid)
+    spread = names[: min(4, len(names))]
+    rounds = {"one adapter": [], f"{len(spread)} adapters": []}
+    for _ in range(2):  # alternate, so drift in machine load hits both alike
+        rounds["one adapter"].append(run_level(server.url, 8, config, count_tokens, api=True, models=names[:1]))
+        rounds[f"{len(spread)} adapters"].append(run_level(server.url, 8, config, count_tokens, api=True, models=spread))
+    best = {k: max(runs, key=lambda r: r["tok_s"] or 0) for k, runs in rounds.items()}
+    for key, result in best.items():
+        log(f"8 chats, {key}: {result['tok_s']} tok/s, p95 TTFT {result['p95_ttft_s']} s, errors {result['errors']}")
+    one, mixed = best["one adapter"], best[f"{len(spread)} adapters"]
+    return {
+        "adapters": config.adapters,
+        "rss_mb_at_start": round(started_mb, 1),
+        "rss_mb_1_adapter": round(one_mb, 1),
+        f"rss_mb_{config.adapters}_adapters": round(all_mb, 1),
+        "mb_per_extra_adapter": round((all_mb - one_mb) / max(1, config.adapters - 1), 1),
+        "tok_s_8_chats_1_adapter": one["tok_s"],
+        f"tok_s_8_chats_{len(spread)}_adapters": mixed["tok_s"],
+        f"ratio_{len(spread)}_adapters_vs_1": ratio(mixed["tok_s"], one["tok_s"]),
+        "failures": one["failures"] + mixed["failures"],
+        "rounds": rounds,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start the app, measure every level, stop the app, print the table and the FINAL JSON line."""
     logging.basicConfig(level=logging.WARNING)
     config = parse_config(ConcurrencyConfig, argv)
     config.apply_quick()
     load = machine_load()
+    if config.adapters:
+        with AppServer(config.startup_timeout, config.precision, config.adapters) as server:
+            log(f"app serving {config.adapters} adapters at {server.url}")
+            result = measure_adapters(server, config)
+        final = {k: v for k, v in result.items() if k != "rounds"}
+        final.update(max_new_tokens=config.max_new_tokens, precision=config.precision, quick=config.quick,
+                     load_avg_1m_start=load, cpu=cpu_name())
+        output = Path(config.output)
+        if output == RESULTS / f"{NAME}.json":  # the default: keep the chat levels' results
+            output = output.with_name(f"{NAME}_adapters.json")
+        write_results(output.stem, {"final": final, "config": vars(config), "rounds": result["rounds"]},
+                      output.parent)
+        print_final(final)
+        return 0
     if config.url:
         levels, api_levels = measure(config.url, config), measure(config.url, config, api=True)
     else:

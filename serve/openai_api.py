@@ -1,33 +1,39 @@
 """OpenAI-compatible `/v1/chat/completions` and `/v1/models`, served beside the Gradio app.
 
 Built on the same runtime as the chat UI: requests go through `stream_reply`, so requests that
-arrive together are generated in one batch, and a client that disconnects stops its generation.
+arrive together are generated in one batch, and a client that disconnects stops its generation
+(streaming or not). Bodies are size-limited and validated (serve.openai_schema) before any model
+work; who may call is serve.access's rule.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from assistant.adapters import with_system
 from assistant.chat_format import encode_prompt
 from assistant.generation import GenerationParams, stream_reply
+from serve.access import AccessPolicy, same_origin
+from serve.openai_schema import ChatRequest, describe
 from serve.registry import BASE_CHOICE, ModelRegistry
 
 logger = logging.getLogger(__name__)
 
 BASE_ID = "base"
-ROLES = {"system", "user", "assistant"}
+MAX_BODY_BYTES = 1024 * 1024  # default body limit (ChatConfig.max_request_kb)
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+DEFAULT_MAX_TOKENS = 256
 
 
 class APIError(Exception):
@@ -50,21 +56,20 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class OpenAIServer:
     """The API's routes over a ModelRegistry; model ids are 'base' and the adapter menu names."""
 
-    def __init__(self, registry: ModelRegistry, api_key: str | None, bind_host: str):
-        self.registry, self.api_key, self.bind_host = registry, api_key, bind_host
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        access: AccessPolicy | None = None,
+        *,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        session_user: Callable[[Request], str | None] | None = None,
+    ):
+        # session_user: the logged-in Gradio user of a request (None: not logged in), for --auth-file.
+        self.registry, self.access = registry, access or AccessPolicy()
+        self.max_body_bytes, self.session_user = max_body_bytes, session_user
         self.router = APIRouter(prefix="/v1")
         self.router.add_api_route("/models", self.models, methods=["GET"])
         self.router.add_api_route("/chat/completions", self.completions, methods=["POST"])
@@ -74,15 +79,16 @@ class OpenAIServer:
         return [BASE_ID, *self.registry.adapters]
 
     def _authorize(self, request: Request) -> None:
-        if self.api_key:
-            if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
-                raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-        elif not is_loopback(self.bind_host):
-            raise APIError(
-                403,
-                "the API is served beyond localhost only with --api-key (or ASSISTANT_API_KEY)",
-                code="api_key_required",
-            )
+        user = None
+        # A session cookie counts only on requests from the app's own pages: a page of another site
+        # must not be able to spend a logged-in user's session on the API.
+        if self.access.login and self.session_user and same_origin(request.headers):
+            user = self.session_user(request)
+        peer = request.client.host if request.client else None
+        refusal = self.access.check(peer, request.headers, user)
+        if refusal:
+            logger.info("refused %s %s from %s: %s", request.method, request.url.path, peer, refusal.code)
+            raise APIError(refusal.status, refusal.message, code=refusal.code)
 
     async def models(self, request: Request):
         """GET /v1/models."""
@@ -100,37 +106,67 @@ class OpenAIServer:
         """POST /v1/chat/completions, streaming (SSE) or not."""
         try:
             self._authorize(request)
-            body = await _json_body(request)
+            body = await self._read_body(request)
             call = await run_in_threadpool(self._prepare, body)
         except APIError as error:
             return error.response()
-        if body.get("stream"):
+        if call["stream"]:
             return StreamingResponse(self._sse(request, call), media_type="text/event-stream")
-        return await run_in_threadpool(self._complete, call)
+        try:
+            return await self._complete_while_connected(request, call)
+        except APIError as error:
+            return error.response()
 
-    def _prepare(self, body: dict) -> dict:
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as it is known to exceed the limit (before it is parsed)."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise self._too_large()
+        chunks, size = [], 0
+        async for chunk in request.stream():  # a chunked body has no Content-Length: count as it comes
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise self._too_large()
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self) -> APIError:
+        return APIError(
+            413,
+            f"The request body exceeds this server's limit of {self.max_body_bytes // 1024} KB "
+            "(the server's --max-request-kb).",
+            code="request_too_large",
+        )
+
+    def _prepare(self, body: bytes) -> dict:
         """Validate the request and resolve its model; raises APIError."""
-        model = body.get("model")
-        if model not in self.model_ids():
-            raise APIError(
-                404,
-                f"The model '{model}' does not exist; available: {', '.join(self.model_ids())}",
-                param="model",
-                code="model_not_found",
-            )
-        messages = _messages(body.get("messages"))
-        if body.get("n", 1) != 1:
-            raise APIError(400, "only n=1 is supported", param="n")
-        chat = self.registry.get(BASE_CHOICE if model == BASE_ID else model)
+        try:
+            req = ChatRequest.model_validate_json(body)
+        except ValidationError as error:
+            param, message, code = describe(error)
+            raise APIError(400, message, param=param, code=code) from None
+        if req.model not in self.model_ids():
+            raise self._no_model(req.model)
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
+        ]
+        if messages[-1]["role"] != "user":
+            raise APIError(400, "the last message must come from the user", param="messages")
+        try:
+            chat = self.registry.get(BASE_CHOICE if req.model == BASE_ID else req.model)
+        except LookupError as error:  # removed or broken since it was listed
+            raise self._no_model(req.model, str(error)) from None
         if chat.trained_prompt:  # a chat without a system message gets the one the adapter was trained with
             messages = with_system(messages, chat.trained_prompt.text)
         params = GenerationParams(
-            max_new_tokens=int(body.get("max_completion_tokens") or body.get("max_tokens") or 256),
-            temperature=float(body.get("temperature", 1.0)),
-            top_p=float(body.get("top_p", 1.0)),
+            max_new_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
+            temperature=1.0 if req.temperature is None else req.temperature,  # OpenAI's defaults
+            top_p=1.0 if req.top_p is None else req.top_p,
             top_k=0,  # OpenAI has no top-k: 0 turns it off
             repetition_penalty=1.0,
-            seed=body.get("seed"),
+            seed=req.seed,
         )
         prompt_tokens = len(encode_prompt(chat.tokenizer, messages))
         if prompt_tokens + params.max_new_tokens > chat.context_window:
@@ -142,18 +178,30 @@ class OpenAIServer:
                 param="messages",
                 code="context_length_exceeded",
             )
-        stop = body.get("stop") or []
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            "model": model,
+            "model": req.model,
             "chat": chat,
             "messages": messages,
             "params": params,
-            "stop": [stop] if isinstance(stop, str) else list(stop),
+            "stop": req.stops(),
+            "stream": bool(req.stream),
+            "include_usage": bool(req.stream_options and req.stream_options.include_usage),
             "prompt_tokens": prompt_tokens,
             "created": int(time.time()),
             "cancel": threading.Event(),
         }
+
+    def _no_model(self, model: str, reason: str | None = None) -> APIError:
+        unavailable = getattr(self.registry, "unavailable", {}).get(model)  # a listed folder that cannot load
+        reason = reason or (unavailable.describe() if unavailable else None)
+        return APIError(
+            404,
+            f"The model '{model}' does not exist" + (f" or cannot be served ({reason})" if reason else "")
+            + f"; available: {', '.join(self.model_ids())}",
+            param="model",
+            code="model_not_found",
+        )
 
     def _deltas(self, call: dict) -> Iterator[tuple[str, str | None]]:
         """(new text, finish_reason) pieces; stop sequences end the reply (and its generation)."""
@@ -175,10 +223,13 @@ class OpenAIServer:
 
     def _complete(self, call: dict) -> dict:
         content, finish = "", "stop"
-        for piece, reason in self._deltas(call):
-            content += piece
-            finish = reason or finish
-        completion = call.get("completion_tokens") or len(call["chat"].tokenizer(content)["input_ids"])
+        try:
+            for piece, reason in self._deltas(call):
+                content += piece
+                finish = reason or finish
+        except Exception as error:  # a failed generation answers as an error object, not a bare 500
+            logger.exception("generation failed for %s", call["id"])
+            raise APIError(500, f"The reply could not be generated: {error}", kind="server_error") from error
         return {
             "id": call["id"],
             "object": "chat.completion",
@@ -192,14 +243,23 @@ class OpenAIServer:
                     "logprobs": None,
                 }
             ],
-            "usage": {
-                "prompt_tokens": call["prompt_tokens"],
-                "completion_tokens": completion,
-                "total_tokens": call["prompt_tokens"] + completion,
-            },
+            "usage": _usage(call, content),
         }
 
+    async def _complete_while_connected(self, request: Request, call: dict) -> dict:
+        """`_complete` in the thread pool; a client that goes away cancels it (its batch row is freed)."""
+        work = asyncio.ensure_future(run_in_threadpool(self._complete, call))
+        while not (await asyncio.wait({work}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                logger.info("%s: client disconnected, cancelling its reply", call["id"])
+                call["cancel"].set()
+                break
+        return await work
+
     async def _sse(self, request: Request, call: dict) -> AsyncIterator[str]:
+        def event(body: dict) -> str:
+            return f"data: {json.dumps(body)}\n\n"
+
         def chunk(delta: dict, finish: str | None) -> str:
             body = {
                 "id": call["id"],
@@ -208,59 +268,48 @@ class OpenAIServer:
                 "model": call["model"],
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
-            return f"data: {json.dumps(body)}\n\n"
+            if call["include_usage"]:  # OpenAI: every chunk carries usage (null), the last one the totals
+                body["usage"] = None
+            return event(body)
 
         pieces = self._deltas(call)
+        content = ""
         try:
             yield chunk({"role": "assistant", "content": ""}, None)
             while (item := await run_in_threadpool(next, pieces, None)) is not None:
                 if await request.is_disconnected():
                     break
                 piece, finish = item
+                content += piece
                 if piece:
                     yield chunk({"content": piece}, None)
                 if finish:
                     yield chunk({}, finish)
-            yield "data: [DONE]\n\n"
+            else:
+                if call["include_usage"]:
+                    last = {"id": call["id"], "object": "chat.completion.chunk", "created": call["created"],
+                            "model": call["model"], "choices": [], "usage": _usage(call, content)}
+                    yield event(last)
+                yield "data: [DONE]\n\n"
+        except Exception as error:  # headers are sent: the failure goes to the client as an error event
+            logger.exception("generation failed for %s", call["id"])
+            yield event({"error": {"message": f"The reply could not be generated: {error}",
+                                   "type": "server_error", "param": None, "code": None}})
         finally:
             # Disconnect or cancellation: stop this request's row of the batch at its next token.
             call["cancel"].set()
             await asyncio.shield(run_in_threadpool(pieces.close))
 
 
-async def _json_body(request: Request) -> dict:
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise APIError(400, f"We could not parse the JSON body of your request: {error}") from error
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    return body
-
-
-def _messages(raw) -> list[dict[str, str]]:
-    """OpenAI messages -> plain role/content dicts (text parts joined)."""
-    if not isinstance(raw, list) or not raw:
-        raise APIError(400, "'messages' must be a non-empty array", param="messages")
-    out = []
-    for i, m in enumerate(raw):
-        role = m.get("role") if isinstance(m, dict) else None
-        role = "system" if role == "developer" else role
-        if role not in ROLES:
-            raise APIError(
-                400, f"messages[{i}].role must be system, user or assistant", param=f"messages[{i}].role"
-            )
-        content = m.get("content")
-        if isinstance(content, list):
-            content = "".join(
-                p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
-            )
-        if not isinstance(content, str):
-            raise APIError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
-        out.append({"role": role, "content": content})
-    if out[-1]["role"] != "user":
-        raise APIError(400, "the last message must come from the user", param="messages")
-    return out
+def _usage(call: dict, content: str) -> dict:
+    completion = call.get("completion_tokens")
+    if completion is None:  # a stop sequence ended the reply early
+        completion = len(call["chat"].tokenizer(content, add_special_tokens=False)["input_ids"])
+    return {
+        "prompt_tokens": call["prompt_tokens"],
+        "completion_tokens": completion,
+        "total_tokens": call["prompt_tokens"] + completion,
+    }
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> str | None:

@@ -1,70 +1,198 @@
-"""The adapter menu: "base model" plus every adapter folder, each loaded on first use and then cached."""
+"""The model menu: "base model" plus every adapter folder, served from one base model in memory per base.
+
+The adapters folder is listed again at most every SCAN_S seconds, so an adapter that the trainer
+publishes appears without a restart (hidden and `*.partial*` staging folders never do), and one
+that is published again into the same folder is attached anew. A folder that cannot be served (a
+broken `adapter_config.json`, missing weights, a failed load) is listed as unavailable with its
+reason; every other choice keeps working, and a failed load is not retried until the folder changes.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from assistant.adapters import ADAPTER_CONFIG, TrainedPrompt, adapter_info, find_adapters, trained_prompt
+from assistant.adapters import (
+    ADAPTER_CONFIG,
+    TrainedPrompt,
+    adapter_problem,
+    find_adapters,
+    folder_signature,
+    trained_prompt,
+)
 from assistant.generation import GenerationParams, stream_reply
-from assistant.loading import ChatModel, base_of, load_chat_model
+from assistant.loading import ChatModel, Host, base_of, chat_model, load_host
 from assistant.models import pick_precision
 
 logger = logging.getLogger(__name__)
 
 BASE_CHOICE = "base model"
+SCAN_S = 1.0  # the adapters folder is listed again at most this often
 
 
-def adapter_choices(adapters_dir: str | Path, extra: list[str] | None = None) -> dict[str, Path]:
-    """Menu label -> adapter folder: those found in `adapters_dir`, then the `--adapter` ones."""
-    choices = find_adapters(adapters_dir)
-    for given in extra or []:
-        path = Path(given)
-        if not (path / ADAPTER_CONFIG).is_file():
-            raise FileNotFoundError(f"{given}: not an adapter folder (no {ADAPTER_CONFIG})")
-        if any(path.resolve() == known.resolve() for known in choices.values()):
-            continue
-        # Two folders with the same name (run1/final, run2/final) keep their full path as label.
-        label = path.name if path.name not in choices and path.name != BASE_CHOICE else str(path)
-        choices[label] = path
-    return choices
+class ChoiceError(LookupError):
+    """A menu choice that cannot be served: unknown, or unavailable (with the reason)."""
+
+    def __init__(self, message: str, unavailable: bool = False):
+        super().__init__(message)
+        self.unavailable = unavailable
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """An adapter folder that is listed but cannot be served, and why."""
+
+    folder: Path
+    reason: str
+
+    def describe(self) -> str:
+        """'<folder>: <reason>'."""
+        return f"{self.folder}: {self.reason}"
 
 
 class ModelRegistry:
-    """Loads each menu choice once, on first use, and keeps it for later requests."""
+    """Loads each base model once, attaches each adapter on first use, and keeps them for later requests."""
 
     def __init__(
-        self, adapters: dict[str, Path], base_model: str | None = None, precision: str = "auto",
+        self,
+        adapters_dir: str | Path | None = None,
+        extra: Iterable[str | Path] = (),
+        *,
+        base_model: str | None = None,
+        precision: str = "auto",
         default: str | None = None,
     ):
-        self.adapters = adapters
+        self.adapters_dir = Path(adapters_dir) if adapters_dir else None
+        self.extra = [Path(e) for e in extra]
+        for folder in self.extra:  # a typo on the command line stops the start, with the reason
+            if not (folder / ADAPTER_CONFIG).is_file():
+                raise FileNotFoundError(f"{folder}: not an adapter folder (no {ADAPTER_CONFIG})")
         self.base_model = base_model
         self.precision = precision
-        self.default = default
-        self._models: dict[str, ChatModel] = {}
-        self._lock = threading.Lock()  # two first requests must not load the same model twice
+        self._lock = threading.Lock()  # guards the dicts below; never held while a model loads
+        self._loading: dict[str, threading.Lock] = defaultdict(threading.Lock)  # one per base and per choice
+        self._hosts: dict[str, Host] = {}
+        self._models: dict[str, tuple[tuple, ChatModel]] = {}  # choice -> (folder signature, model)
+        self._failed: dict[Path, tuple[tuple, str]] = {}  # folder -> (its signature, why it failed)
+        self._listed: dict[str, Path] = {}
+        self._unavailable: dict[str, Unavailable] = {}
+        self._scanned_at = -SCAN_S
+        self._scan()
+        # The first adapter given on the command line is the default choice, else the given default.
+        self.default = next((label for label, f in self._all_folders().items() if f in self.extra[:1]), default)
+
+    # -- the menu ------------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> dict[str, Path]:
+        """Menu label -> adapter folder, for every adapter that can be served."""
+        self._scan()
+        return dict(self._listed)
+
+    @property
+    def unavailable(self) -> dict[str, Unavailable]:
+        """Menu label -> why that adapter folder cannot be served."""
+        self._scan()
+        return dict(self._unavailable)
 
     @property
     def choices(self) -> list[str]:
-        """Menu entries: the base model first, then the adapters."""
+        """Menu entries: the base model first, then the adapters that can be served."""
         return [BASE_CHOICE, *self.adapters]
 
     def default_choice(self) -> str:
-        """The given default, else the first adapter (what the user trained), else the base model."""
-        return self.default or next(iter(self.adapters), BASE_CHOICE)
+        """The default adapter (first --adapter), else the first adapter listed, else the base model."""
+        adapters = self.adapters
+        if self.default in adapters or self.default == BASE_CHOICE:
+            return self.default
+        return next(iter(adapters), BASE_CHOICE)
 
-    def get(self, choice: str | None) -> ChatModel:
-        """The loaded ChatModel for a menu choice (loading it now if needed)."""
-        choice = choice or self.default_choice()
-        if choice != BASE_CHOICE and choice not in self.adapters:
-            raise KeyError(f"unknown adapter {choice!r}; choose one of {', '.join(self.choices)}")
+    def _all_folders(self) -> dict[str, Path]:
+        """Label -> folder over the adapters folder and the --adapter ones (same names: full path)."""
+        folders = find_adapters(self.adapters_dir) if self.adapters_dir else {}
+        for path in self.extra:
+            if any(path.resolve() == known.resolve() for known in folders.values()):
+                continue
+            label = path.name if path.name not in folders and path.name != BASE_CHOICE else str(path)
+            folders[label] = path
+        return folders
+
+    def _scan(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._scanned_at < SCAN_S:
+            return
+        listed, unavailable = {}, {}
+        for label, folder in self._all_folders().items():
+            problem = adapter_problem(folder)
+            failed = self._failed.get(folder)
+            if problem is None and failed and failed[0] == folder_signature(folder):
+                problem = failed[1]  # remembered until the folder changes
+            if problem is None:
+                listed[label] = folder
+            else:
+                unavailable[label] = Unavailable(folder, problem)
         with self._lock:
-            if choice not in self._models:
-                logger.info("loading %s", choice)
-                self._models[choice] = load_chat_model(self.base_model, self.adapters.get(choice), self.precision)
-            return self._models[choice]
+            if unavailable.keys() != self._unavailable.keys():
+                for label, item in unavailable.items():
+                    logger.warning("adapter %r is unavailable: %s", label, item.describe())
+            self._listed, self._unavailable, self._scanned_at = listed, unavailable, now
+
+    # -- models --------------------------------------------------------------------------------------
+    def get(self, choice: str | None) -> ChatModel:
+        """The ChatModel for a menu choice, loading its base and attaching its adapter if needed."""
+        choice = choice or self.default_choice()
+        folder = self._folder(choice)
+        signature = folder_signature(folder) if folder else ()
+        with self._loading[choice]:  # two first requests must not load the same choice twice
+            cached = self._models.get(choice)
+            if cached and cached[0] == signature:
+                return cached[1]
+            if cached:
+                logger.info("%s changed on disk; attaching it again", folder)
+            try:
+                base = base_of(self.base_model, folder)
+                chat = chat_model(self._host(base), folder)
+            except Exception as error:
+                if folder is None:
+                    raise
+                logger.exception("could not load adapter %s", folder)
+                with self._lock:
+                    self._failed[folder] = (signature, f"could not be loaded: {error}")
+                self._scan(force=True)
+                raise ChoiceError(f"adapter {choice!r} is unavailable: {folder}: {error}", unavailable=True) from error
+            with self._lock:
+                self._models[choice] = (signature, chat)
+            return chat
+
+    def _folder(self, choice: str) -> Path | None:
+        """The adapter folder of a choice (None: the base model); ChoiceError if it cannot be served."""
+        if choice == BASE_CHOICE:
+            return None
+        if choice in self.adapters:
+            return self._listed[choice]
+        self._scan(force=True)  # published a moment ago?
+        if choice in self._listed:
+            return self._listed[choice]
+        if choice in self._unavailable:
+            raise ChoiceError(
+                f"adapter {choice!r} is unavailable: {self._unavailable[choice].describe()}", unavailable=True
+            )
+        raise ChoiceError(f"unknown adapter {choice!r}; choose one of {', '.join(self.choices)}")
+
+    def _host(self, base: str) -> Host:
+        """The one in-memory copy of a base model, loaded on first use."""
+        with self._loading[f"base:{base}"]:
+            if base not in self._hosts:
+                logger.info("loading base model %s", base)
+                self._hosts[base] = load_host(base, self.precision)
+            return self._hosts[base]
 
     def trained_prompt(self, choice: str | None) -> TrainedPrompt | None:
         """The system prompt the chosen adapter was trained with (None: base model or not recorded)."""
@@ -78,11 +206,18 @@ class ModelRegistry:
                             on_trim=on_trim)
 
     def describe(self, choice: str | None) -> str:
-        """Status line: what serves this choice, with device and precision."""
+        """Status line: what serves this choice, with device and precision (and what cannot be served)."""
         choice = choice or self.default_choice()
-        chat = self._models.get(choice)
-        if chat is not None:
-            return chat.describe()
-        adapter = self.adapters.get(choice)
-        base = base_of(self.base_model, adapter_info(adapter) if adapter else {})
-        return f"{choice}: loads on first use ({pick_precision(self.precision, base=base).describe()})"
+        cached = self._models.get(choice)
+        if cached is not None:
+            line = cached[1].describe()
+        elif choice in self._unavailable:
+            line = f"{choice}: unavailable"
+        else:
+            adapter = self.adapters.get(choice)
+            base = base_of(self.base_model, adapter)
+            line = f"{choice}: loads on first use ({pick_precision(self.precision, base=base).describe()})"
+        broken = self.unavailable
+        if broken:
+            line += "  \n**Unavailable:** " + "; ".join(f"`{label}` ({u.describe()})" for label, u in broken.items())
+        return line

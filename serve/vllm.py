@@ -3,6 +3,9 @@
 Checks that every adapter is servable by vLLM's multi-LoRA before a GPU is spent on it, then runs
 (or prints) the exact `vllm serve ... --enable-lora --lora-modules name=path` command. The chat UI
 fronts the result with `python -m ui --backend-url http://HOST:8000/v1`.
+
+The API key reaches vLLM through its environment ($VLLM_API_KEY, which vLLM reads), never its argv:
+a command line shows in `ps` to every user of the machine, and `--print` shows no key.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from assistant.adapters import adapter_info, method_of, trained_prompt
+from assistant.adapters import adapter_base, adapter_info, method_of, trained_prompt
 from assistant.embedded import EMBEDDED, embedded_model_dir
+from serve.access import is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +46,11 @@ class VLLMConfig:
     )
     host: str = field(default="0.0.0.0", metadata={"help": "Address vLLM binds."})
     port: int = field(default=8000, metadata={"help": "Port vLLM listens on."})
-    api_key: str | None = field(default=None, metadata={"help": "Require this bearer key (vLLM --api-key)."})
+    api_key_file: str | None = field(
+        default=None,
+        metadata={"help": "File holding the bearer key vLLM requires (handed over as $VLLM_API_KEY); unset, "
+                          "$VLLM_API_KEY if set, else vLLM serves without a key."},
+    )
     max_model_len: int = field(default=4096, metadata={"help": "Context length vLLM allocates for."})
     print_only: bool = field(
         default=False, metadata={"help": "Print the command instead of running it.", "aliases": ["--print"]}
@@ -92,7 +100,7 @@ def vllm_command(config: VLLMConfig) -> list[str]:
                 "%s was trained with the system prompt %r: vLLM does not add it, so clients must send it",
                 adapter, prompt.text,
             )
-    bases = {config.base_model or info.get("base_model_name_or_path") or EMBEDDED for info in infos}
+    bases = {config.base_model or adapter_base(a) or EMBEDDED for a in config.adapters}
     if len(bases) > 1:
         raise NotServable(
             f"the adapters were trained on different base models ({', '.join(sorted(bases))}); "
@@ -122,9 +130,28 @@ def vllm_command(config: VLLMConfig) -> list[str]:
         "--lora-modules",
         *modules,
     ]
-    if config.api_key:
-        command += ["--api-key", config.api_key]
     return command
+
+
+def api_key(config: VLLMConfig) -> str | None:
+    """The key vLLM will require: --api-key-file's content, else $VLLM_API_KEY."""
+    if config.api_key_file:
+        try:
+            key = Path(config.api_key_file).read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise NotServable(f"--api-key-file {config.api_key_file}: cannot read it ({error.strerror})") from None
+        if not key:
+            raise NotServable(f"--api-key-file {config.api_key_file} is empty: write the key into it")
+        return key
+    return os.environ.get("VLLM_API_KEY", "").strip() or None
+
+
+def shown_command(command: list[str], config: VLLMConfig) -> str:
+    """The command as `--print` shows it: runnable, with the key read from where it is kept, not its value."""
+    line = shlex.join(command)
+    if config.api_key_file:
+        return f'VLLM_API_KEY="$(cat {shlex.quote(config.api_key_file)})" {line}'
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,21 +159,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(
         VLLMConfig,
         prog="python -m serve.vllm",
-        usage="python -m serve.vllm ADAPTER... [--base-model M] [--print]",
+        usage="python -m serve.vllm ADAPTER... [--base-model M] [--api-key-file FILE] [--print]",
+        allow_abbrev=False,  # `--api-key SECRET` must not quietly become `--api-key-file SECRET`
     )
-    config, rest = parser.parse_args_into_dataclasses(
-        args=sys.argv[1:] if argv is None else argv, return_remaining_strings=True
-    )
-    if any(a.startswith("-") for a in rest):
-        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    args = sys.argv[1:] if argv is None else argv
+    if any(a.split("=", 1)[0] == "--api-key" for a in args):
+        parser.error("--api-key was removed: a key on the command line shows in `ps`; use $VLLM_API_KEY "
+                     "or --api-key-file FILE")
+    config, rest = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+    unknown = [a for a in rest if a.startswith("-")]
+    if unknown:  # names only: the value after an unknown option may be a secret
+        parser.error(f"unrecognised options: {' '.join(unknown)}")
     config.adapters += rest
     try:
         command = vllm_command(config)
+        key = api_key(config)
     except (NotServable, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if key is None and not is_loopback(config.host):
+        logger.warning("vLLM will answer anyone who can reach %s:%d: set $VLLM_API_KEY or --api-key-file",
+                       config.host, config.port)
     if config.print_only:
-        print(shlex.join(command))
+        if key and not config.api_key_file:
+            print("# vLLM reads its key from $VLLM_API_KEY: set it where this command runs", file=sys.stderr)
+        print(shown_command(command, config))
         return 0
     if shutil.which(command[0]) is None:
         print(
@@ -155,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    os.execvp(command[0], command)  # replaces this process: vLLM's own signals and exit code
+    env = {**os.environ, **({"VLLM_API_KEY": key} if key else {})}
+    os.execvpe(command[0], command, env)  # replaces this process: vLLM's own signals and exit code
     return 0  # not reached
 
 

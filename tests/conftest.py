@@ -22,6 +22,7 @@ DATA = Path(__file__).parent / "data"
 # Tiny real training runs: small batches, short probe replies.
 FAST = ["--batch-size", "4", "--probes", "2", "--probe-tokens", "12", "--logging-steps", "1"]
 CHROMIUM = Path("/usr/bin/chromium")
+INSTALL_CHROMIUM = "apt-get install -y chromium"  # what .ci/run does on a fresh machine
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--headless",
@@ -164,12 +165,12 @@ def app_server(lora_adapter) -> Server:
     """The real app on a free localhost port: the embedded model (chosen) plus the test adapter in the
     menu, short greedy replies."""
     from assistant.generation import GenerationParams
-    from serve.registry import BASE_CHOICE, ModelRegistry, adapter_choices
+    from serve.registry import BASE_CHOICE, ModelRegistry
     from ui.app import build_app, mount_openai_api
     from ui.config import ChatConfig
 
     config = ChatConfig(adapters_dir=str(lora_adapter.parent), max_queue=8)
-    registry = ModelRegistry(adapter_choices(config.adapters_dir), default=BASE_CHOICE)
+    registry = ModelRegistry(config.adapters_dir, default=BASE_CHOICE)
     demo = build_app(config, defaults=GenerationParams(max_new_tokens=24, temperature=0.0), registry=registry)
     demo.registry.get(demo.registry.default_choice())  # load now, not inside the first test's timing
     port = free_port()
@@ -179,12 +180,40 @@ def app_server(lora_adapter) -> Server:
     demo.close()
 
 
+@pytest.fixture
+def forced_long_replies(monkeypatch) -> list[int]:
+    """Replies that cannot end by themselves before their token budget (their end-of-turn tokens are ruled
+    out), so only a Stop, a cancel or a disconnect ends one early. Returns the decode steps counted so far
+    (one item per step of any batch): a cancellation test compares them before and after it cancels."""
+    from assistant import batching
+
+    def never_end(self, input_ids, scores):
+        for row, request in enumerate(self.batch):
+            if request.stop_ids:
+                scores[row, list(request.stop_ids)] = -float("inf")
+        return scores
+
+    steps: list[int] = []
+    step = batching._RowStop.__call__
+
+    def counted(self, input_ids, scores, **kwargs):
+        steps.append(1)
+        return step(self, input_ids, scores, **kwargs)
+
+    monkeypatch.setattr(batching._MinTokens, "__call__", never_end)
+    monkeypatch.setattr(batching._RowStop, "__call__", counted)
+    return steps
+
+
 @pytest.fixture(scope="session")
 def browser():
     """Headless Debian chromium driven by Playwright (skipped where it is not installed)."""
     if not CHROMIUM.exists():
-        pytest.skip("needs Debian chromium: apt-get install -y chromium")
-    from playwright.sync_api import sync_playwright
+        pytest.skip(f"needs Debian chromium ({CHROMIUM}): {INSTALL_CHROMIUM}")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("needs playwright: .venv/bin/pip install -r requirements-dev.txt")
 
     # Playwright's own browser downloads are never used; keep it from looking for them.
     os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
@@ -224,3 +253,22 @@ def open_page(browser, app_server):
     yield open_
     for context in contexts:
         context.close()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """A closing block when the browser tests were skipped (no chromium or playwright): "N skipped" alone
+    reads like nothing is wrong, yet these are the only tests of what a user sees."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "browser" in r.keywords]
+    if not skipped:
+        return
+    reasons = sorted({str(r.longrepr[2]).removeprefix("Skipped: ") for r in skipped if isinstance(r.longrepr, tuple)})
+    write = terminalreporter.write_line
+    tests = "browser test did" if len(skipped) == 1 else "browser tests did"
+    terminalreporter.write_sep("=", f"{len(skipped)} {tests} not run", yellow=True, bold=True)
+    write("They drive the app in a real browser: replies streaming into the page, Stop, each browser's own")
+    write("history, HTML and images in messages shown as text, reload, retry/undo/edit and compare mode.")
+    for reason in reasons:
+        write(f"  skipped: {reason}")
+    if not CHROMIUM.exists():
+        write(f"Install chromium, then run make test again:  {INSTALL_CHROMIUM}", yellow=True, bold=True)

@@ -40,11 +40,11 @@ REQUIRED = {
 OPTIONAL = {"tokens_per_s_trl_default", "decode_tok_s_llamacpp", "ratio_vs_llamacpp"}
 
 
-def run_quick(name: str, tmp_path: Path, timeout: float) -> tuple[dict, dict, str]:
+def run_quick(name: str, tmp_path: Path, timeout: float, *extra: str) -> tuple[dict, dict, str]:
     """Run `python -m bench.NAME --quick`; the FINAL line, the results file and stdout."""
     output = tmp_path / f"{name}.json"
     proc = subprocess.run(
-        [sys.executable, "-m", f"bench.{name}", "--quick", "--output", str(output)],
+        [sys.executable, "-m", f"bench.{name}", "--quick", "--output", str(output), *extra],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -93,6 +93,24 @@ def test_concurrency_quick(tmp_path: Path) -> None:
     final, saved, _ = run_quick("concurrency", tmp_path, timeout=600)
     check_final("concurrency", final)
     assert set(saved["levels"]) == set(saved["api_levels"]) == {"1", "4", "8"}
+
+
+@pytest.mark.slow
+def test_concurrency_over_adapters_quick(tmp_path: Path) -> None:
+    final, saved, _ = run_quick("concurrency", tmp_path, 600, "--adapters", "2")
+    assert final["failures"] == 0, final
+    for key in ("tok_s_8_chats_1_adapter", "tok_s_8_chats_2_adapters", "ratio_2_adapters_vs_1", "rss_mb_2_adapters"):
+        assert isinstance(final[key], int | float) and final[key] > 0, (key, final)
+    assert final["rss_mb_2_adapters"] >= final["rss_mb_1_adapter"] > 0 and saved["final"] == final
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_first_token_quick(tmp_path: Path) -> None:
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("needs Debian chromium (/usr/bin/chromium): apt-get install -y chromium")
+    final, saved, _ = run_quick("first_token", tmp_path, 600)
+    assert final["rounds"] == 2 == len(saved["times_s"]) and 0 < final["median_s"] <= final["max_s"] < 60, final
 
 
 @pytest.mark.slow

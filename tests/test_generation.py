@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
+from dataclasses import fields
 
 import pytest
 
 from assistant.adapters import find_adapters
-from assistant.batching import END, Request, engine_for
+from assistant.batching import END, Request, engine_for, stop_ids
 from assistant.chat_format import encode_prompt
 from assistant.generation import (
     UPDATE_INTERVAL_S,
@@ -18,7 +20,7 @@ from assistant.generation import (
     stream_reply,
 )
 from assistant.loading import ChatModel, load_chat_model
-from serve.registry import BASE_CHOICE, ModelRegistry, adapter_choices
+from serve.registry import BASE_CHOICE, ModelRegistry
 from tests.conftest import generations_running, wait_for
 
 pytestmark = pytest.mark.slow
@@ -65,7 +67,7 @@ def test_stream_reply_reports_trimming(chat):
         def context_window(self) -> int:
             return 160
 
-    small = SmallWindow(chat.model, chat.tokenizer, chat.base_model, chat.precision)
+    small = SmallWindow(**{f.name: getattr(chat, f.name) for f in fields(chat)})
     trimmed: list[int] = []
     stream = stream_reply(
         small,
@@ -85,7 +87,7 @@ def test_stop_ends_generation_within_a_token(chat):
         stream = stream_reply(
             chat,
             [{"role": "user", "content": "Tell me a long story about a fox."}],
-            GenerationParams(max_new_tokens=300, temperature=0.0),
+            forced(300),  # the reply cannot end by itself before 300 tokens: only Stop ends it
             cancel=cancel,
         )
         for chunks, _ in enumerate(stream, 1):
@@ -102,12 +104,20 @@ def test_closing_the_stream_stops_the_generation(chat):
     stream = stream_reply(
         chat,
         [{"role": "user", "content": "Count from one to five hundred."}],
-        GenerationParams(max_new_tokens=300, temperature=0.0),
+        forced(300),  # the reply cannot end by itself: only closing the stream ends it
     )
-    next(stream)
-    assert generations_running()
-    stream.close()  # what Gradio does when a browser goes away
-    wait_for(lambda: not generations_running(), 5, what="the generation to end after close()")
+    steps: list[int] = []
+    hook = chat.model.register_forward_hook(lambda *_: steps.append(1))
+    try:
+        next(stream)
+        assert generations_running()
+        stream.close()  # what Gradio does when a browser goes away
+        at_close = len(steps)
+        wait_for(lambda: not generations_running(), 5, what="the generation to end after close()")
+        time.sleep(0.3)
+    finally:
+        hook.remove()
+    assert at_close < 300 and len(steps) - at_close <= 2, f"{len(steps) - at_close} forward passes after close()"
 
 
 def test_compare_mode_gives_base_and_adapter_replies(chat, lora_adapter):
@@ -121,29 +131,26 @@ def test_compare_mode_gives_base_and_adapter_replies(chat, lora_adapter):
 
 
 def test_adapter_picker_lists_adapter_folders(tmp_path, lora_adapter):
-    (tmp_path / "alpha").mkdir()
-    (tmp_path / "alpha" / "adapter_config.json").write_text("{}")
+    shutil.copytree(lora_adapter, tmp_path / "alpha")
     (tmp_path / "not-an-adapter").mkdir()
     (tmp_path / "notes.txt").write_text("x")
     assert list(find_adapters(tmp_path)) == ["alpha"]
     assert find_adapters(tmp_path / "missing") == {}
 
-    choices = adapter_choices(tmp_path, [str(lora_adapter)])
-    assert list(choices) == ["alpha", "pirate"]
-    registry = ModelRegistry(choices)
+    registry = ModelRegistry(tmp_path, [str(lora_adapter)])
     assert registry.choices == [BASE_CHOICE, "alpha", "pirate"]
     with pytest.raises(FileNotFoundError):
-        adapter_choices(tmp_path, [str(tmp_path / "not-an-adapter")])
+        ModelRegistry(tmp_path, [str(tmp_path / "not-an-adapter")])
 
 
 def test_registry_loads_lazily_and_caches(lora_adapter):
-    registry = ModelRegistry({"pirate": lora_adapter})
+    registry = ModelRegistry(extra=[lora_adapter])
     assert "loads on first use" in registry.describe("pirate")
     first = registry.get("pirate")
     assert registry.get("pirate") is first
     assert first.adapter and "lora adapter" in registry.describe("pirate")
     assert "cpu" in registry.describe("pirate")
-    with pytest.raises(KeyError):
+    with pytest.raises(LookupError):
         registry.get("nope")
 
 
@@ -154,7 +161,9 @@ def forced(tokens: int) -> GenerationParams:
 
 def submit(chat: ChatModel, text: str, max_new_tokens: int) -> Request:
     ids = encode_prompt(chat.tokenizer, [{"role": "user", "content": text}])
-    return engine_for(chat).submit(Request(ids, forced(max_new_tokens), True, threading.Event()))
+    return engine_for(chat.host).submit(
+        Request(ids, forced(max_new_tokens), threading.Event(), stop_ids=stop_ids(chat.model, chat.tokenizer))
+    )
 
 
 def drain(request: Request) -> list[int]:

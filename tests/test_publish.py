@@ -17,7 +17,7 @@ import torch
 from assistant.adapters import find_adapters
 from assistant.generation import GenerationParams, complete_reply
 from assistant.loading import load_chat_model
-from serve.registry import BASE_CHOICE, ModelRegistry, adapter_choices
+from serve.registry import BASE_CHOICE, ModelRegistry
 from tests.conftest import DATA, FAST, ROOT, sft, sft_killed_at
 from train.pipeline import InputError, checkpoint_to_resume
 
@@ -32,7 +32,7 @@ def test_hidden_and_partial_folders_are_never_listed(tmp_path, lora_adapter):
         shutil.copytree(lora_adapter, tmp_path / name)
     (tmp_path / "notes").mkdir()
     assert list(find_adapters(tmp_path)) == ["good"]
-    assert ModelRegistry(adapter_choices(tmp_path)).choices == [BASE_CHOICE, "good"]
+    assert ModelRegistry(tmp_path).choices == [BASE_CHOICE, "good"]
 
 
 @pytest.mark.slow

@@ -122,3 +122,44 @@ def test_int4_is_as_faithful_as_bf16_on_the_embedded_model():
     bf16 = held_out_nll(load_chat_model(precision="bf16"))
     # The embedded weights are Q4_1, so 4-bit storage adds no error beyond bf16 compute's.
     assert abs(int4 - exact) <= max(0.01, 2 * abs(bf16 - exact)), (exact, int4, bf16)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_has_bf16(), reason="int4 serving needs a CPU with bf16 units (AVX512-BF16 or AMX)")
+def test_int4_replies_decode_every_quantized_layer_through_the_packed_kernel(monkeypatch):
+    from assistant.generation import GenerationParams, complete_reply, fit_history
+
+    chat = load_chat_model(precision="int4")
+    layers = {m.packed.data_ptr(): name for name, m in chat.model.named_modules() if isinstance(m, Int4Linear)}
+    assert layers, "int4 loading quantized no layer"
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
+    calls: dict[str, int] = dict.fromkeys(layers.values(), 0)
+
+    def counting_kernel(rows, packed, *args):
+        calls[layers[packed.data_ptr()]] += 1
+        return kernel(rows, packed, *args)
+
+    forwards: list[torch.Tensor] = []  # input ids of each forward pass of the reply
+    hook = chat.model.register_forward_pre_hook(
+        lambda module, args, kwargs: forwards.append(kwargs["input_ids"]), with_kwargs=True
+    )
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", counting_kernel)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    try:
+        reply = complete_reply(chat, messages, GenerationParams(max_new_tokens=8, temperature=0.0))
+    finally:
+        hook.remove()
+    # The prompt runs through the dense weights (many rows); each new token through the packed kernel.
+    decode_steps = [ids for ids in forwards if ids.numel() <= QUANT_ROWS]
+    assert len(decode_steps) >= 4, [tuple(ids.shape) for ids in forwards]
+    assert set(calls.values()) == {len(decode_steps)}, f"{len(layers)} int4 layers, {len(decode_steps)} steps: {calls}"
+
+    # The reply is what bf16 would say: each token int4 chose is among bf16's three likeliest there.
+    assert "Paris" in reply, reply
+    prompt, _ = fit_history(chat.tokenizer, messages, 1024)
+    chosen = torch.cat([ids.flatten() for ids in decode_steps])
+    bf16 = load_chat_model(precision="bf16")
+    with torch.inference_mode():
+        logits = bf16.model(torch.tensor([prompt + chosen.tolist()])).logits[0, len(prompt) - 1 : -1]
+    top3 = logits.topk(3).indices
+    assert all(token in top3[i] for i, token in enumerate(chosen.tolist())), (chosen, top3)

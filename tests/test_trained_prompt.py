@@ -92,9 +92,9 @@ def served_ids(registry: ModelRegistry, choice: str, monkeypatch) -> dict[str, l
     for _ in handlers.api_chat(ROW["prompt"], adapter=choice, request=request):  # /chat, no system prompt
         pass
     app = FastAPI()
-    app.include_router(OpenAIServer(registry, None, "127.0.0.1").router)
+    app.include_router(OpenAIServer(registry).router)  # keyless: answers a caller on loopback
     body = {"model": choice, "messages": [{"role": "user", "content": ROW["prompt"]}], "max_tokens": 16}
-    assert TestClient(app).post("/v1/chat/completions", json=body).status_code == 200
+    assert TestClient(app, client=("127.0.0.1", 50000)).post("/v1/chat/completions", json=body).status_code == 200
     assert len(recorder.ids) == 3
     return dict(zip(["ui", "/chat", "/v1/chat/completions"], recorder.ids, strict=True))
 
@@ -110,7 +110,7 @@ def test_every_serving_path_renders_the_trained_conversation(tmp_path, lora_adap
     shutil.copytree(lora_adapter, adapter)
     write_trained_prompt(adapter, prompt)  # what train.sft writes into the folder it publishes
     assert trained_prompt(adapter) == prompt
-    registry = ModelRegistry({"support": adapter})
+    registry = ModelRegistry(extra=[adapter])
     for path, ids in served_ids(registry, "support", monkeypatch).items():
         assert ids == expected, f"{path} serves other tokens than the adapter was trained on"
     # Serving the app's general prompt instead (what the app did before) renders something else.
@@ -126,7 +126,7 @@ def test_the_prompt_menu_preselects_the_trained_prompt_and_notes_another(tmp_pat
     untracked = tmp_path / "older"  # an adapter from before prompts were recorded
     shutil.copytree(lora_adapter, untracked)
     assert not (untracked / PROMPT_FILE).exists()
-    handlers = Handlers(ModelRegistry({"support": adapter, "older": untracked}), StopSignals(), lambda fn: fn)
+    handlers = Handlers(ModelRegistry(extra=[adapter, untracked]), StopSignals(), lambda fn: fn)
     general = list_prompts()[DEFAULT_PROMPT]
 
     menu, text = handlers.use_trained_prompt("support", DEFAULT_PROMPT, general)

@@ -38,8 +38,11 @@ def test_chat_endpoint_takes_history_and_system_prompt(client):
     assert isinstance(reply, str) and reply.strip()
 
 
-def test_cancelled_api_job_ends_its_generation(client):
+def test_cancelled_api_job_ends_its_generation(client, forced_long_replies):
+    steps = forced_long_replies  # a 400-token reply that only the cancel can end early
     job = client.submit("Tell me a long story about the moon.", api_name="/chat", max_new_tokens=400)
     wait_for(lambda: len(job.outputs()) >= 2, 60, what="the reply to start streaming")
     job.cancel()
+    at_cancel = len(steps)
     wait_for(lambda: not generations_running(), 15, what="the generation to end after cancel")
+    assert at_cancel < 300 and len(steps) - at_cancel <= 10, f"{len(steps) - at_cancel} decode steps after cancel"

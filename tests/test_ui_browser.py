@@ -79,14 +79,17 @@ def test_reply_streams_into_the_page(open_page):
     assert "Model:" in page.inner_text("#status") and "cpu" in page.inner_text("#status")
 
 
-def test_stop_ends_generation_and_its_thread(open_page):
+def test_stop_ends_generation_and_its_thread(open_page, forced_long_replies):
+    steps = forced_long_replies  # a 400-token reply that only Stop can end early
     page = open_page()
     set_max_new_tokens(page, 400)
     send(page, "Tell me a very long story about a dragon who learns to cook.")
     wait_for(lambda: len(last_reply(page)) > 20, 90, interval=0.05, what="the reply to start")
     assert generations_running(), "the model should still be generating when Stop is pressed"
     page.click("#stop")
+    at_stop = len(steps)
     wait_for(lambda: not generations_running(), 5, what="the generation to finish after Stop")
+    assert at_stop < 300 and len(steps) - at_stop <= 10, f"{len(steps) - at_stop} decode steps after Stop"
     time.sleep(1.0)  # the last chunks may still be on their way to the page
     stopped_at = last_reply(page)
     time.sleep(2.0)
@@ -185,14 +188,14 @@ def trained_prompt_page(browser, lora_adapter, tmp_path):
 
     from assistant.adapters import summarize_prompts, write_trained_prompt
     from assistant.generation import GenerationParams
-    from serve.registry import BASE_CHOICE, ModelRegistry, adapter_choices
+    from serve.registry import BASE_CHOICE, ModelRegistry
     from tests.conftest import free_port
     from ui.app import build_app
     from ui.config import ChatConfig
 
     shutil.copytree(lora_adapter, tmp_path / "support")
     write_trained_prompt(tmp_path / "support", summarize_prompts([None], "You answer as a pirate.", "--system-prompt"))
-    registry = ModelRegistry(adapter_choices(tmp_path), default=BASE_CHOICE)
+    registry = ModelRegistry(tmp_path, default=BASE_CHOICE)
     demo = build_app(ChatConfig(adapters_dir=str(tmp_path)), registry=registry,
                      defaults=GenerationParams(max_new_tokens=8, temperature=0.0))
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
@@ -220,3 +223,82 @@ def test_an_adapter_brings_the_system_prompt_it_was_trained_with(trained_prompt_
     note = page.locator("#prompt-note")
     wait_for(note.is_visible, 10, what="the note about the different prompt")
     assert "trained with a different system prompt" in note.inner_text()
+
+
+class _Bait:
+    """A local HTTP server standing in for a third party: it counts every request the page makes to it."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        hits = self.hits = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                hits.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/gif")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, name="bait-server", daemon=True).start()
+
+    def markup(self, tag: str) -> str:
+        """A message mixing raw HTML and Markdown that would each fetch from this server if rendered."""
+        return (f'Look: <img src="{self.url}/{tag}-img"> ![x]({self.url}/{tag}-md) <b>bold</b> '
+                f'<div style="background-image: url({self.url}/{tag}-css)">boxed</div> and **strong**')
+
+
+@pytest.fixture
+def markup_page(browser):
+    """The app over a registry whose model answers every message with markup aimed at a local bait server;
+    yields (page, bait)."""
+    from serve.registry import BASE_CHOICE, ModelRegistry
+    from tests.conftest import free_port
+    from ui.app import build_app
+    from ui.config import ChatConfig
+
+    bait = _Bait()
+
+    class ScriptedRegistry(ModelRegistry):
+        """No model: the reply is the bait's markup, streamed in two pieces."""
+
+        def get(self, choice):
+            return None
+
+        def stream(self, choice, messages, params, **kwargs):
+            reply = bait.markup("reply")
+            yield reply[: len(reply) // 2]
+            yield reply
+
+    demo = build_app(ChatConfig(), registry=ScriptedRegistry(None, default=BASE_CHOICE))
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#message textarea")
+    yield page, bait
+    context.close()
+    demo.close()
+    bait.server.shutdown()
+
+
+def test_markup_in_messages_shows_as_text_and_fetches_nothing(markup_page):
+    page, bait = markup_page
+    send(page, bait.markup("user"))
+    wait_for(lambda: "strong" in last_reply(page) and "boxed" in last_reply(page), 30, what="the scripted reply")
+    page.wait_for_timeout(1000)  # images and CSS backgrounds load after layout
+    assert bait.hits == [], f"the page fetched from a third-party server: {bait.hits}"
+    chat = page.locator("#chatbot")
+    remote = chat.locator(f"img[src^='{bait.url}']").count()
+    assert remote == 0, "a message became an image element pointing at another server"
+    assert chat.locator("[data-testid='user'] b, [data-testid='bot'] b").count() == 0, "raw <b> was rendered"
+    for shown in (page.locator(USER).inner_text(), last_reply(page)):
+        assert f'<img src="{bait.url}/' in shown and "<b>bold</b>" in shown, shown
+    # Markdown itself still renders.
+    assert page.locator(BOT).last.locator("strong").inner_text() == "strong"

@@ -14,7 +14,7 @@ from huggingface_hub import RepoCard, metadata_load
 
 from assistant.adapters import summarize_prompts, write_trained_prompt
 from assistant.embedded import EMBEDDED_HUB_ID
-from serve.registry import ModelRegistry, adapter_choices
+from serve.registry import ModelRegistry
 from ui.space import export_space, main, resolve_adapter, space_base_model, write_front_matter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +97,7 @@ def test_export_writes_a_ready_space_folder(tmp_path):
     # The exported app.py finds the bundled adapter without any environment variable...
     assert resolve_adapter(None, out) == str(out / "adapter")
     # ...and serves it by default with the system prompt it was trained with.
-    registry = ModelRegistry(adapter_choices(out / "adapters", [resolve_adapter(None, out)]))
+    registry = ModelRegistry(out / "adapters", [resolve_adapter(None, out)])
     assert registry.trained_prompt(registry.default_choice()).text == "You help customers of Acme."
     compile((out / "app.py").read_text(), "app.py", "exec")
 
@@ -169,7 +169,10 @@ def test_cli_help_lists_the_flags():
         "--host",
         "--port",
         "--adapters-dir",
-        "--auth",
+        "--auth-file",
+        "--api-key-file",
+        "--backend-key-file",
+        "--max-request-kb",
         "--share",
         "--max-queue",
     ):

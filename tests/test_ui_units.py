@@ -68,14 +68,78 @@ def test_settings_from_the_panel():
     assert Settings.of(BASE_CHOICE, False, "", 0.7, 0.9, 40, 1.1, 64, 7).params.seed == 7
 
 
-def test_auth_from_flag_or_environment(monkeypatch):
-    monkeypatch.delenv("ASSISTANT_AUTH", raising=False)
+SECRET_ENV = ("ASSISTANT_AUTH", "ASSISTANT_API_KEY", "ASSISTANT_BACKEND_KEY")
+
+
+@pytest.fixture
+def no_secret_env(monkeypatch):
+    for name in SECRET_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_login_comes_from_a_file_or_the_environment(no_secret_env, tmp_path):
     assert ChatConfig().credentials() is None
-    assert ChatConfig(auth="ann:s3cret:x").credentials() == ("ann", "s3cret:x")
-    monkeypatch.setenv("ASSISTANT_AUTH", "bob:pw")
+    auth = tmp_path / "auth"
+    auth.write_text("ann:s3cret:x\n")
+    assert ChatConfig(auth_file=str(auth)).credentials() == ("ann", "s3cret:x")
+    no_secret_env.setenv("ASSISTANT_AUTH", "bob:pw")
     assert ChatConfig().credentials() == ("bob", "pw")
-    with pytest.raises(ValueError):
-        ChatConfig(auth="nopassword").credentials()
+    assert ChatConfig(auth_file=str(auth)).credentials() == ("ann", "s3cret:x"), "the file named wins"
+    auth.write_text("nopassword-s3cret")
+    with pytest.raises(ValueError, match="user:password") as malformed:
+        ChatConfig(auth_file=str(auth)).credentials()
+    assert "s3cret" not in str(malformed.value), "a malformed secret is not echoed"
+
+
+@pytest.mark.parametrize(
+    ("field", "flag", "env", "read"),
+    [
+        ("api_key_file", "--api-key-file", "ASSISTANT_API_KEY", ChatConfig.openai_key),
+        ("backend_key_file", "--backend-key-file", "ASSISTANT_BACKEND_KEY", ChatConfig.backend_key),
+    ],
+)
+def test_keys_come_from_a_file_or_the_environment(no_secret_env, tmp_path, field, flag, env, read):
+    assert read(ChatConfig()) is None
+    no_secret_env.setenv(env, "sk-from-env")
+    assert read(ChatConfig()) == "sk-from-env"
+    key = tmp_path / "key"
+    key.write_text("  sk-from-file\n")
+    assert read(ChatConfig(**{field: str(key)})) == "sk-from-file"
+    key.write_text("\n")
+    with pytest.raises(ValueError, match=f"{flag} {key} is empty"):
+        read(ChatConfig(**{field: str(key)}))
+    with pytest.raises(ValueError, match=f"{flag} {tmp_path / 'missing'}: cannot read"):
+        read(ChatConfig(**{field: str(tmp_path / "missing")}))
+
+
+def test_the_access_policy_holds_the_key_but_never_shows_it(no_secret_env, tmp_path):
+    key = tmp_path / "key"
+    key.write_text("sk-never-shown")
+    policy = ChatConfig(api_key_file=str(key), host="0.0.0.0", share=True).access_policy()
+    assert policy.api_key == "sk-never-shown" and policy.bind_host == "0.0.0.0" and policy.share
+    assert "sk-never-shown" not in repr(policy)
+    no_secret_env.setenv("ASSISTANT_AUTH", "ann:pw")
+    assert ChatConfig().access_policy().login
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--api-key", "sk-typed"], "use $ASSISTANT_API_KEY or --api-key-file"),
+        (["--auth=ann:sk-typed"], "use $ASSISTANT_AUTH or --auth-file"),
+        (["--backend-key", "sk-typed"], "use $ASSISTANT_BACKEND_KEY or --backend-key-file"),
+        (["--api-key-f", "sk-typed"], "unrecognized arguments: --api-key-f"),  # no abbreviation of --api-key-file
+        (["--api-kee", "sk-typed"], "unrecognized arguments: --api-kee"),
+    ],
+)
+def test_a_secret_on_the_command_line_is_refused_without_echoing_it(capsys, argv, says):
+    from ui.__main__ import parse_config
+
+    with pytest.raises(SystemExit) as exited:
+        parse_config(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and says in err and "sk-typed" not in err
 
 
 def test_stop_signals_reach_only_their_session():
@@ -97,3 +161,11 @@ def test_stopper_hands_out_fresh_events_until_stopped():
         done = threading.Event()
         threading.Thread(target=lambda: (signals.stop(None), done.set())).start()
         assert done.wait(5) and stopper.stopped.is_set()
+
+
+def test_stop_ends_both_replies_of_compare_mode():
+    signals = StopSignals()
+    with signals.request("browser") as stopper:
+        adapter_side, base_side = stopper.next_event(), stopper.next_event()  # streamed at the same time
+        signals.stop("browser")
+        assert adapter_side.is_set() and base_side.is_set()

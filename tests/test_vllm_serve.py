@@ -94,3 +94,60 @@ def test_an_adapter_trained_with_its_own_system_prompt_is_flagged(tmp_path, capl
         vllm_command(VLLMConfig(adapters=[str(plain), str(pirate)]))
     flagged = [r.getMessage() for r in caplog.records]
     assert len(flagged) == 1 and "Talk like a pirate." in flagged[0] and "clients must send it" in flagged[0]
+
+
+@pytest.mark.parametrize("source", ["file", "env"])
+def test_print_shows_no_key(tmp_path, monkeypatch, capsys, source):
+    from serve.vllm import main
+
+    adapter = fake_adapter(tmp_path / "support")
+    args = [str(adapter), "--print"]
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    if source == "file":
+        (tmp_path / "key").write_text("sk-vllm-secret\n")
+        args += ["--api-key-file", str(tmp_path / "key")]
+    else:
+        monkeypatch.setenv("VLLM_API_KEY", "sk-vllm-secret")
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(("vllm serve ", "VLLM_API_KEY=")) and "--enable-lora" in out
+    assert "sk-vllm-secret" not in out + err and "--api-key" not in out
+    if source == "file":  # still runnable as printed: the key is read from its file
+        assert out.startswith(f'VLLM_API_KEY="$(cat {tmp_path / "key"})" vllm serve ')
+
+
+def test_the_key_reaches_vllm_through_its_environment_not_its_argv(tmp_path, monkeypatch):
+    import serve.vllm
+
+    adapter = fake_adapter(tmp_path / "support")
+    (tmp_path / "key").write_text("sk-vllm-secret")
+    started = {}
+    monkeypatch.setattr(serve.vllm.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(serve.vllm.os, "execvpe", lambda file, argv, env: started.update(argv=argv, env=env))
+    assert serve.vllm.main([str(adapter), "--api-key-file", str(tmp_path / "key")]) == 0
+    assert started["env"]["VLLM_API_KEY"] == "sk-vllm-secret"
+    assert not any("sk-vllm-secret" in a for a in started["argv"]) and "--api-key" not in started["argv"]
+
+
+@pytest.mark.parametrize("argv", [["--api-key", "sk-typed"], ["--api-key=sk-typed"], ["--api-k", "sk-typed"]])
+def test_a_key_on_the_command_line_is_refused_without_echoing_it(tmp_path, capsys, argv):
+    from serve.vllm import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([str(fake_adapter(tmp_path / "a")), *argv, "--print"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "sk-typed" not in err and "--api-k" in err
+    if argv[0].startswith("--api-key"):
+        assert "removed" in err and "$VLLM_API_KEY or --api-key-file" in err
+
+
+def test_the_compose_file_requires_a_key_instead_of_shipping_one():
+    import yaml
+
+    text = (ROOT / "deploy" / "docker-compose.vllm.yml").read_text()
+    services = yaml.safe_load(text)["services"]
+    assert "change-me" not in text
+    assert any(e.startswith("VLLM_API_KEY=${VLLM_API_KEY:?") for e in services["vllm"]["environment"])
+    assert any(e.startswith("ASSISTANT_BACKEND_KEY=${VLLM_API_KEY:?") for e in services["ui"]["environment"])
+    for service in services.values():  # no key on a command line, where `ps` shows it
+        assert "key" not in str(service.get("command", "")).lower()

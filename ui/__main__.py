@@ -8,15 +8,23 @@ import sys
 from transformers import HfArgumentParser
 
 from assistant.logs import configure
-from ui.config import ChatConfig
+from ui.config import ChatConfig, removed_secret_flag
 
 logger = logging.getLogger(__name__)
 
 
 def parse_config(argv: list[str] | None = None) -> ChatConfig:
     """ChatConfig from command-line arguments."""
-    parser = HfArgumentParser(ChatConfig, prog="python -m ui", description="Chat with the base model or your adapters in a web app.")
-    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    # No abbreviations: `--api-key SECRET` must not quietly become `--api-key-file SECRET`.
+    parser = HfArgumentParser(ChatConfig, prog="python -m ui", allow_abbrev=False,
+                              description="Chat with the base model or your adapters in a web app.")
+    removed = removed_secret_flag(sys.argv[1:] if argv is None else argv)
+    if removed:
+        parser.error(removed)
+    config, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:  # names only: the value after a mistyped option may be a secret
+        unknown = [a.split("=", 1)[0] for a in rest if a.startswith("-")] or ["(a value without an option)"]
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return config
 
 

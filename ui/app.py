@@ -11,6 +11,10 @@ The one public API endpoint, /chat, streams the growing reply text:
     job = Client("http://127.0.0.1:7860/").submit("Hello!", api_name="/chat")
     for text in job:  # "Hi", "Hi there", ...; optional: history=[{"role", "content"}...],
         print(text)   # system_prompt="...", adapter="<menu name>", max_new_tokens=256, temperature=0.0
+
+It follows the same access rule as /v1 (serve.access): keyless only from this machine, else
+`Client(url, headers={"Authorization": "Bearer KEY"})`; with a login (--auth-file), Gradio asks for the login first
+and a logged-in client (`auth=(user, password)`) needs no key.
 """
 
 from __future__ import annotations
@@ -18,16 +22,21 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
 from assistant.batching import MAX_BATCH
 from assistant.generation import GenerationParams
-from serve.registry import ModelRegistry, adapter_choices
+from serve.registry import ModelRegistry
 from ui.config import ChatConfig
 from ui.handlers import EMPTY_STORE, Handlers, save, status_text, toggle_compare
+from ui.inert import SHOWN_AS_TEXT, PolicedBlocks
 from ui.prompts import CUSTOM_PROMPT
 from ui.stopping import StopSignals
+
+if TYPE_CHECKING:
+    from serve.openai_api import OpenAIServer
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +52,9 @@ def build_app(
 ) -> gr.Blocks:
     """The Gradio app for `config`; `defaults` set the sliders, `gpu` wraps generating functions (Spaces)."""
     registry = registry or make_registry(config)
-    handlers = Handlers(registry, StopSignals(), gpu or (lambda fn: fn))
-    with gr.Blocks(title="Chat assistant") as demo:
+    handlers = Handlers(registry, StopSignals(), gpu or (lambda fn: fn), access=config.access_policy())
+    # PolicedBlocks: its server forbids images from other origins (ui.inert).
+    with PolicedBlocks(title="Chat assistant") as demo:
         ui = _layout(registry, handlers, defaults or GenerationParams())
         _wire(demo, ui, handlers)
         gr.api(handlers.api_chat, api_name="chat", api_description=Handlers.api_chat.__doc__)
@@ -60,16 +70,38 @@ def make_registry(config: ChatConfig):
     if config.backend_url:
         from serve.remote import RemoteRegistry
 
-        return RemoteRegistry(config.backend_url, config.backend_key)
-    return ModelRegistry(adapter_choices(config.adapters_dir, config.adapter), config.base_model, config.precision)
+        return RemoteRegistry(config.backend_url, config.backend_key())
+    return ModelRegistry(config.adapters_dir, config.adapter, base_model=config.base_model, precision=config.precision)
 
 
 def mount_openai_api(demo: gr.Blocks, config: ChatConfig) -> None:
     """Serve /v1/chat/completions and /v1/models from the running app (in-process models only)."""
+    if isinstance(demo.registry, ModelRegistry):  # type: ignore[attr-defined]
+        demo.app.include_router(openai_server(demo, config).router)
+
+
+def openai_server(demo: gr.Blocks, config: ChatConfig) -> OpenAIServer:
+    """The OpenAI API over the launched `demo`'s models, under `config`'s access rule and body limit."""
     from serve.openai_api import OpenAIServer
 
-    if isinstance(demo.registry, ModelRegistry):  # type: ignore[attr-defined]
-        demo.app.include_router(OpenAIServer(demo.registry, config.openai_key(), config.host).router)
+    return OpenAIServer(
+        demo.registry,  # type: ignore[attr-defined]
+        config.access_policy(),
+        max_body_bytes=config.max_request_kb * 1024,
+        session_user=lambda request: gradio_user(demo.app, request),
+    )
+
+
+def gradio_user(app, request) -> str | None:
+    """The user logged in to the Gradio app (--auth-file) on this request, as Gradio's own /user route finds
+    it: the `access-token` cookie of this app, looked up in the app's tokens."""
+    cookie_id = getattr(app, "cookie_id", None)
+    if cookie_id is None:
+        return None
+    token = request.cookies.get(f"access-token-{cookie_id}") or request.cookies.get(
+        f"access-token-unsecure-{cookie_id}"
+    )
+    return getattr(app, "tokens", {}).get(token) if token else None
 
 
 class _Widgets:
@@ -121,9 +153,10 @@ def _layout(registry: ModelRegistry, handlers: Handlers, defaults: GenerationPar
 
 
 def _chatbot(label: str, elem_id: str, *, visible: bool, editable: str | None) -> gr.Chatbot:
-    # sanitize_html + allow_tags=False: whatever HTML a user (or the model) writes is shown inert.
+    # sanitize_html drops scripts; SHOWN_AS_TEXT escapes raw HTML tags (an <img> or a Markdown image
+    # included) so they show as typed, never as elements (ui.inert).
     return gr.Chatbot(label=label, elem_id=elem_id, visible=visible, height=480, editable=editable,
-                      sanitize_html=True, allow_tags=False, render_markdown=True, buttons=["copy", "copy_all"],
+                      sanitize_html=True, allow_tags=SHOWN_AS_TEXT, render_markdown=True, buttons=["copy", "copy_all"],
                       feedback_options=None)
 
 
@@ -162,6 +195,9 @@ def _wire(demo: gr.Blocks, w: _Widgets, h: Handlers) -> None:
         clear(lambda: ([], []), None, histories, queue=False, **private).then(**persist)
 
     w.choice.change(h.select_model, w.choice, w.status, show_progress="minimal", **private)
+    # Adapters published while the app runs (the trainer, later fine-tuning jobs) are in the menu on the
+    # next page load; the registry lists the folder again by itself.
+    demo.load(lambda: gr.update(choices=h.registry.choices), None, w.choice, queue=False, **private)
     w.compare.input(toggle_compare, [w.compare, w.choice, w.chatbot], w.base, queue=False, **private).then(**persist)
     # A new adapter brings the system prompt it was trained with; any other prompt shows a one-line note.
     w.choice.change(h.use_trained_prompt, [w.choice, w.prompt, w.system], [w.prompt, w.system], queue=False,

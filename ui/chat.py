@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -66,20 +69,65 @@ def stream_turn(
     """Yield (history, base history) while the reply streams; the base side only in compare mode."""
     yield history, base
     history = [*history, {"role": "assistant", "content": ""}]
-    for text in stream_answer(registry, stopper, settings, history[:-1]):
-        history[-1] = {"role": "assistant", "content": text}
-        yield history, base
-    # Compare mode answers one after the other: both sides share one model (and its lock).
-    if settings.compare and not stopper.stopped.is_set():
-        base = [*base, {"role": "assistant", "content": ""}]
-        for text in stream_answer(registry, stopper, settings, base[:-1], use_adapter=False, on_trim=None):
-            base[-1] = {"role": "assistant", "content": text}
+    if not settings.compare:
+        for text in stream_answer(registry, stopper, settings, history[:-1]):
+            history[-1] = {"role": "assistant", "content": text}
             yield history, base
+        return
+    # Compare mode streams both sides at once: the engine decodes the adapter's row and the base model's
+    # row in one batch (they share the base model's weights).
+    base = [*base, {"role": "assistant", "content": ""}]
+    sides = [
+        stream_answer(registry, stopper, settings, history[:-1]),
+        stream_answer(registry, stopper, settings, base[:-1], use_adapter=False, on_trim=None),
+    ]
+    for side, text in together(sides, on_abandon=stopper.stop):
+        if side == 0:
+            history[-1] = {"role": "assistant", "content": text}
+        else:
+            base[-1] = {"role": "assistant", "content": text}
+        yield history, base
+
+
+def together(streams: list[Iterator[str]], on_abandon: Callable[[], None]) -> Iterator[tuple[int, str]]:
+    """(index, text) from several streams as their updates come, each consumed in its own thread.
+
+    An error in any stream is raised here; `on_abandon` runs when the caller stops listening early
+    (it must make the streams end, e.g. by setting their cancel events).
+    """
+    updates: queue.Queue = queue.Queue()
+    finished = object()
+
+    def pump(index: int, stream: Iterator[str]) -> None:
+        try:
+            for text in stream:
+                updates.put((index, text))
+        except BaseException as error:  # raised in the caller's thread
+            updates.put((index, error))
+        finally:
+            updates.put((index, finished))
+
+    for index, stream in enumerate(streams):
+        # The request's context (Gradio's notices) goes with each stream.
+        threading.Thread(target=contextvars.copy_context().run, args=(pump, index, stream), daemon=True).start()
+    running = len(streams)
+    try:
+        while running:
+            index, item = updates.get()
+            if item is finished:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        if running:
+            on_abandon()
 
 
 def _load(registry: ModelRegistry, choice: str):
     try:
         return registry.get(choice)
-    except (OSError, KeyError, ValueError) as error:
+    except (OSError, LookupError, ValueError) as error:  # LookupError: unknown or unavailable adapter
         logger.exception("could not load %s", choice)
         raise gr.Error(f"could not load {choice}: {error}") from error

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import gradio as gr
 
 from assistant.generation import GenerationParams
+from serve.access import AccessPolicy
 from serve.registry import BASE_CHOICE, ModelRegistry
 from ui.chat import Settings, stream_answer, stream_turn
 from ui.history import cut_for_edit, cut_for_retry, cut_for_undo, index_of, last_user_index, plain
@@ -22,9 +23,12 @@ EMPTY_STORE = {"chat": [], "base": []}  # what a browser stores before its first
 class Handlers:
     """Event functions; each streaming one registers itself so this browser's Stop can end it."""
 
-    def __init__(self, registry: ModelRegistry, signals: StopSignals, gpu: Callable[[Callable], Callable]):
+    def __init__(self, registry: ModelRegistry, signals: StopSignals, gpu: Callable[[Callable], Callable],
+                 access: AccessPolicy | None = None):
+        # access: who may call /chat (serve.access); None only for in-process use, where no caller is remote.
         self.registry = registry
         self.signals = signals
+        self.access = access
         self.prompts = list_prompts()
         self.default_prompt = self.prompts.get(DEFAULT_PROMPT, "")
         # Spaces' @spaces.GPU must wrap exactly the functions that run the model.
@@ -32,7 +36,7 @@ class Handlers:
         self.retry = gpu(self.retry)
         self.edit = gpu(self.edit)
         self.retry_last = gpu(self.retry_last)
-        self.api_chat = gpu(self.api_chat)
+        self._api_reply = gpu(self._api_reply)  # the access check stays outside: a refusal takes no GPU
 
     def _stream(self, request: gr.Request | None, settings: Settings, history: list, base: list) -> Iterator:
         with self.signals.request(getattr(request, "session_hash", None)) as stopper:
@@ -161,6 +165,23 @@ class Handlers:
         """Stream a reply to `message`; yields the growing reply text. `history`: [{"role", "content"}];
         `system_prompt`: default the prompt the adapter was trained with (else the app's default prompt), ""
         for none; `adapter`: a menu name (default: the app's default choice, "base model" for none)."""
+        self._admit(request)
+        yield from self._api_reply(message, history, system_prompt, adapter, max_new_tokens, temperature, request)
+
+    def _admit(self, request: gr.Request | None) -> None:
+        """Refuse an API caller that the access rule keeps out (the same rule as /v1)."""
+        if self.access is None:
+            return
+        client = getattr(request, "client", None)
+        peer = getattr(client, "host", None)
+        headers = dict(getattr(request, "headers", None) or {})
+        refusal = self.access.check(peer, headers, getattr(request, "username", None))
+        if refusal:
+            logger.info("refused /chat from %s: %s", peer, refusal.code)
+            raise gr.Error(refusal.message)
+
+    def _api_reply(self, message: str, history: list[dict] | None, system_prompt: str | None, adapter: str,
+                   max_new_tokens: int, temperature: float, request: gr.Request | None) -> Iterator[str]:
         params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature)
         choice = adapter or self.registry.default_choice()
         system = self.default_system(choice) if system_prompt is None else system_prompt

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from assistant.embedded import EMBEDDED, EMBEDDED_HUB_ID, GGUF_PACKAGE, cache_root
+from assistant.adapters import adapter_base
+from assistant.embedded import EMBEDDED, EMBEDDED_HUB_ID, GGUF_PACKAGE, is_embedded
 
 logger = logging.getLogger(__name__)
 
@@ -75,20 +76,6 @@ def space_base_model(adapter: str | Path | None = None, requested: str | None = 
     if is_embedded(base) and importlib.util.find_spec(GGUF_PACKAGE) is None:
         return EMBEDDED_HUB_ID
     return base
-
-
-def is_embedded(base: str) -> bool:
-    """True for 'embedded' and for its prepared cache folder (what peft records when trained on it)."""
-    if base == EMBEDDED:
-        return True
-    path = Path(base)
-    return path.is_dir() and path.resolve().parent == cache_root().resolve()
-
-
-def adapter_base(adapter: str | Path) -> str | None:
-    """The base model an adapter folder was trained on (peft's base_model_name_or_path)."""
-    config = Path(adapter) / "adapter_config.json"
-    return json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
 
 
 def resolve_adapter(value: str | None, here: Path = ROOT) -> str | None:

@@ -12,14 +12,14 @@ class Stopper:
 
     def __init__(self) -> None:
         self.stopped = threading.Event()
-        self._current: threading.Event | None = None
+        self._events: list[threading.Event] = []  # every reply's (compare mode streams two at once)
         self._lock = threading.Lock()
 
     def next_event(self) -> threading.Event:
         """Cancel event for the next reply (stream_reply sets it when done, so it cannot be reused)."""
         event = threading.Event()
         with self._lock:
-            self._current = event
+            self._events.append(event)
             if self.stopped.is_set():
                 event.set()
         return event
@@ -28,8 +28,8 @@ class Stopper:
         """Stop the reply being generated and any later one of this request."""
         with self._lock:
             self.stopped.set()
-            if self._current is not None:
-                self._current.set()
+            for event in self._events:
+                event.set()
 
 
 class StopSignals:

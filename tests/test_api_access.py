@@ -1,0 +1,191 @@
+"""Who may call /v1 and /chat: the caller's own address, a bearer key, or a Gradio login (no model loaded)."""
+
+from __future__ import annotations
+
+import hmac
+from types import SimpleNamespace
+
+import gradio as gr
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from serve.access import AccessPolicy
+from serve.openai_api import OpenAIServer
+from tests.conftest import free_port
+from ui.config import ChatConfig
+from ui.handlers import Handlers
+from ui.stopping import StopSignals
+
+KEY = "sk-test-4f1c"
+LOOPBACK, STRANGER = "127.0.0.1", "10.1.2.3"
+
+
+class FakeRegistry:
+    """Enough of a ModelRegistry for the app's layout, /chat and /v1/models; replies are canned."""
+
+    adapters = {"pirate": "adapters/pirate"}
+    choices = ["base model", "pirate"]
+
+    def default_choice(self) -> str:
+        return "pirate"
+
+    def describe(self, choice) -> str:
+        return f"{choice} (fake)"
+
+    def trained_prompt(self, choice):
+        return None
+
+    def get(self, choice):
+        return SimpleNamespace(describe=lambda: "fake")
+
+    def stream(self, choice, messages, params, *, cancel, **kwargs):
+        yield from ("Red", "Red and blue")
+
+
+def models(peer: str, policy: AccessPolicy, headers: dict | None = None, session_user=None) -> httpx.Response:
+    """GET /v1/models as `peer`, from an API served under `policy`."""
+    app = FastAPI()
+    app.include_router(OpenAIServer(FakeRegistry(), policy, session_user=session_user).router)
+    return TestClient(app, client=(peer, 50000)).get("/v1/models", headers=headers or {})
+
+
+@pytest.mark.parametrize(
+    ("peer", "policy", "headers", "status"),
+    [
+        (LOOPBACK, AccessPolicy(), {}, 200),
+        ("::1", AccessPolicy(bind_host="::1"), {}, 200),
+        (STRANGER, AccessPolicy(), {}, 403),
+        (LOOPBACK, AccessPolicy(), {"X-Forwarded-For": "203.0.113.9"}, 403),
+        (LOOPBACK, AccessPolicy(), {"Forwarded": "for=203.0.113.9"}, 403),
+        (LOOPBACK, AccessPolicy(), {"X-Real-IP": "203.0.113.9"}, 403),
+        (LOOPBACK, AccessPolicy(share=True), {}, 403),
+        (LOOPBACK, AccessPolicy(bind_host="0.0.0.0"), {}, 403),
+        (STRANGER, AccessPolicy(api_key=KEY, bind_host="0.0.0.0", share=True), {"Authorization": f"Bearer {KEY}"}, 200),
+        (STRANGER, AccessPolicy(api_key=KEY), {"Authorization": "Bearer wrong"}, 401),
+        (LOOPBACK, AccessPolicy(api_key=KEY), {}, 401),
+        (LOOPBACK, AccessPolicy(api_key=KEY), {"Authorization": f"Basic {KEY}"}, 401),
+        (LOOPBACK, AccessPolicy(login=True), {}, 403),
+    ],
+    ids=["loopback", "ipv6-loopback", "stranger", "x-forwarded-for", "forwarded", "x-real-ip", "share",
+         "bound-to-all", "key-right", "key-wrong", "key-missing-even-locally", "key-not-bearer", "login-no-session"],
+)
+def test_v1_checks_the_caller_not_the_bind_address(peer, policy, headers, status):
+    response = models(peer, policy, headers)
+    assert response.status_code == status, response.text
+    if status == 403:
+        error = response.json()["error"]
+        assert error["code"] == "api_key_required" and "ASSISTANT_API_KEY" in error["message"]
+    if status == 401:
+        assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_completions_are_refused_before_the_body_is_read():
+    app = FastAPI()
+    app.include_router(OpenAIServer(FakeRegistry(), AccessPolicy(), max_body_bytes=10).router)
+    response = TestClient(app, client=(STRANGER, 50000)).post("/v1/chat/completions", content=b"x" * 100)
+    assert response.status_code == 403, "a stranger learns nothing about the limits or the schema"
+
+
+def test_the_key_is_compared_in_constant_time(monkeypatch):
+    compared, original = [], hmac.compare_digest
+
+    def recording(a, b):
+        compared.append((a, b))
+        return original(a, b)
+
+    monkeypatch.setattr("serve.access.hmac.compare_digest", recording)
+    assert models(STRANGER, AccessPolicy(api_key=KEY), {"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert models(STRANGER, AccessPolicy(api_key=KEY), {"Authorization": "Bearer ünïcode".encode("latin-1")}).status_code == 401
+    assert len(compared) == 2
+
+
+def test_with_a_login_a_session_from_the_apps_own_pages_may_call_the_api():
+    policy = AccessPolicy(login=True, bind_host="0.0.0.0")
+    user = lambda request: "ann" if request.cookies.get("session") == "ok" else None  # noqa: E731
+    assert models(STRANGER, policy, session_user=user).status_code == 403
+    assert models(STRANGER, policy, {"Cookie": "session=ok"}, session_user=user).status_code == 200
+    same = {"Cookie": "session=ok", "Origin": "http://testserver"}
+    assert models(STRANGER, policy, same, session_user=user).status_code == 200
+    other_site = {"Cookie": "session=ok", "Origin": "https://evil.example"}
+    assert models(STRANGER, policy, other_site, session_user=user).status_code == 403
+    assert models(STRANGER, AccessPolicy(), {"Cookie": "session=ok"}, session_user=user).status_code == 403, (
+        "without a login configured a session means nothing"
+    )
+
+
+def test_a_gradio_login_opens_v1_and_nothing_else_does(monkeypatch):
+    """The real Gradio login route sets the cookie that ui.app.gradio_user finds in Gradio's tokens."""
+    from ui.app import openai_server
+
+    monkeypatch.setenv("ASSISTANT_AUTH", "ann:pw-1")
+    monkeypatch.delenv("ASSISTANT_API_KEY", raising=False)
+    config = ChatConfig()
+    with gr.Blocks() as demo:
+        gr.Markdown("login test")
+    demo.registry = FakeRegistry()
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), auth=config.credentials(),
+                            prevent_thread_lock=True, quiet=True)
+    demo.app.include_router(openai_server(demo, config).router)
+    try:
+        with httpx.Client(base_url=url) as client:
+            assert client.get("v1/models").status_code == 403, "a local caller without a login is refused"
+            assert client.post("login", data={"username": "ann", "password": "wrong"}).status_code == 400
+            assert client.get("v1/models").status_code == 403
+            assert client.post("login", data={"username": "ann", "password": "pw-1"}).status_code == 200
+            assert client.get("v1/models").status_code == 200
+    finally:
+        demo.close()
+
+
+def chat_request(peer: str | None, headers: dict | None = None, username: str | None = None):
+    """What Gradio hands /chat as `request`."""
+    return SimpleNamespace(client=SimpleNamespace(host=peer), headers=headers or {}, username=username,
+                           session_hash="s1")
+
+
+@pytest.mark.parametrize(
+    ("policy", "request_", "served"),
+    [
+        (AccessPolicy(), chat_request(LOOPBACK), True),
+        (AccessPolicy(), chat_request(STRANGER), False),
+        (AccessPolicy(), chat_request(LOOPBACK, {"x-forwarded-for": "203.0.113.9"}), False),
+        (AccessPolicy(), None, False),
+        (AccessPolicy(share=True), chat_request(LOOPBACK), False),
+        (AccessPolicy(api_key=KEY), chat_request(STRANGER, {"authorization": f"Bearer {KEY}"}), True),
+        (AccessPolicy(api_key=KEY), chat_request(LOOPBACK, {"authorization": "Bearer nope"}), False),
+        (AccessPolicy(login=True), chat_request(STRANGER, username="ann"), True),
+        (AccessPolicy(login=True), chat_request(LOOPBACK), False),
+    ],
+    ids=["loopback", "stranger", "proxied", "no-request", "share", "key-right", "key-wrong", "logged-in",
+         "login-required"],
+)
+def test_chat_endpoint_follows_the_same_rule(policy, request_, served):
+    handlers = Handlers(FakeRegistry(), StopSignals(), lambda fn: fn, access=policy)
+    reply = handlers.api_chat("Name two colours.", request=request_)
+    if served:
+        assert list(reply)[-1] == "Red and blue"
+    else:
+        with pytest.raises(gr.Error, match="API key|login"):
+            next(reply)
+
+
+def test_the_served_chat_endpoint_refuses_a_relayed_caller(monkeypatch):
+    """Through Gradio itself: /chat sees the caller's headers, so a proxied request is refused."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from ui.app import build_app
+
+    monkeypatch.delenv("ASSISTANT_API_KEY", raising=False)
+    monkeypatch.delenv("ASSISTANT_AUTH", raising=False)
+    demo = build_app(ChatConfig(), registry=FakeRegistry())
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        assert Client(url, verbose=False).predict("Hi", api_name="/chat") == "Red and blue"
+        relayed = Client(url, verbose=False, headers={"X-Forwarded-For": "203.0.113.9"})
+        with pytest.raises(AppError, match="API key"):
+            relayed.predict("Hi", api_name="/chat")
+    finally:
+        demo.close()

@@ -1,0 +1,142 @@
+"""The batch engine on a tiny in-process model: failures reach the callers, fairness, per-row lengths."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from assistant import batching
+from assistant.batching import END, Request, engine_for
+from assistant.generation import GenerationParams, stream_reply
+from assistant.loading import ChatModel, Host
+from assistant.models import Precision
+from tests.conftest import tiny_llama
+
+PROMPT = [5, 9, 17, 33, 2]
+
+
+@pytest.fixture
+def host() -> Host:
+    model = tiny_llama().eval()
+    model.generation_config.eos_token_id = None  # rows end only at their budget unless a test says otherwise
+    host = Host("tiny", model, SimpleNamespace(pad_token_id=0, eos_token_id=None), Precision("fp32", torch.float32))
+    yield host
+    if host.engine is not None:
+        host.engine.close()
+
+
+def params(tokens: int, temperature: float = 0.0, min_tokens: int = 0) -> GenerationParams:
+    return GenerationParams(max_new_tokens=tokens, temperature=temperature, repetition_penalty=1.0,
+                            min_new_tokens=min_tokens)
+
+
+def drain(request: Request, timeout: float = 30) -> list:
+    """Every item the request receives until END or an exception (which ends the list)."""
+    items = []
+    while True:
+        item = request.tokens.get(timeout=timeout)
+        if item is END:
+            return items
+        items.append(item)
+        if isinstance(item, BaseException):
+            return items
+
+
+def test_a_batch_that_raises_fails_its_requests_and_the_engine_goes_on(host, monkeypatch):
+    runner, calls = host.runner, []
+
+    def failing_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom in the model")
+        return runner(*args)
+
+    monkeypatch.setattr(host, "runner", failing_once)
+    engine = engine_for(host)
+    first = engine.submit(Request(PROMPT, params(4), threading.Event()))
+    items = drain(first)
+    assert isinstance(items[-1], RuntimeError) and "boom" in str(items[-1])
+    second = engine.submit(Request(PROMPT, params(4), threading.Event()))
+    assert len(drain(second)) == 4, "the engine serves the next request"
+    assert engine.thread.is_alive()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_engine_thread_fails_its_callers_instead_of_leaving_them_waiting(host, monkeypatch):
+    def kill_thread(*args):
+        raise SystemExit("the engine thread ends")  # not an Exception: nothing in the loop catches it
+
+    monkeypatch.setattr(host, "runner", kill_thread)
+    monkeypatch.setattr("assistant.generation.POLL_S", 0.05)
+    monkeypatch.setattr("assistant.generation.fit_history", lambda *args: (PROMPT, 0))
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=None, decode=lambda ids, **_: "x" * len(ids))
+    chat = ChatModel(host.base, tokenizer, "tiny", host.precision, host=host)
+    outcome: list = []
+
+    def caller() -> None:
+        try:
+            list(stream_reply(chat, [{"role": "user", "content": "hi"}], params(3)))
+        except RuntimeError as error:
+            outcome.append(error)
+
+    waiting = threading.Thread(target=caller, daemon=True)
+    waiting.start()
+    waiting.join(10)
+    assert not waiting.is_alive(), "the caller is still waiting for a dead engine"
+    assert outcome and "generation failed" in str(outcome[0])
+    host.engine.thread.join(5)
+    assert not host.engine.thread.is_alive()
+    # The next request gets a new engine thread.
+    monkeypatch.undo()
+    assert len(drain(engine_for(host).submit(Request(PROMPT, params(3), threading.Event())))) == 3
+
+
+def test_an_older_request_with_other_settings_never_waits_behind_later_ones(host, monkeypatch):
+    monkeypatch.setattr(batching, "SLICE_S", 0.05)
+    engine = engine_for(host)
+    arrived: dict[str, float] = {}
+
+    def first_token_time(name: str, request: Request) -> threading.Thread:
+        def watch():
+            request.tokens.get(timeout=60)
+            arrived[name] = time.monotonic()
+            drain(request, 60)
+
+        thread = threading.Thread(target=watch)
+        thread.start()
+        return thread
+
+    long = engine.submit(Request(PROMPT, params(120), threading.Event()))
+    long.tokens.get(timeout=30)  # the long greedy reply is under way
+    other = engine.submit(Request(PROMPT, params(4, temperature=0.7), threading.Event()))  # cannot join
+    time.sleep(0.01)
+    later = engine.submit(Request(PROMPT, params(4), threading.Event()))  # could join the long one
+    watchers = [first_token_time("other", other), first_token_time("later", later)]
+    for w in watchers:
+        w.join(60)
+    assert arrived["other"] < arrived["later"], "a later request went ahead of an older one with other settings"
+    assert not long.done or len(long.reply) < 120, "the long reply yielded before it finished"
+    drain(long, 60)
+
+
+def test_min_and_max_tokens_are_per_row(host, monkeypatch):
+    runner, batch_sizes = host.runner, []
+    monkeypatch.setattr(host, "runner", lambda group, adapters: batch_sizes.append(len(adapters)) or runner(group, adapters))
+    engine = engine_for(host)
+    with torch.inference_mode():
+        first = int(host.base(torch.tensor([PROMPT])).logits[0, -1].argmax())
+    stop = frozenset({first})  # the greedy first token ends a reply...
+    free = Request(PROMPT, params(10), threading.Event(), stop_ids=stop)
+    held = Request(PROMPT, params(10, min_tokens=6), threading.Event(), stop_ids=stop)  # ...unless held back
+    short = Request(PROMPT, params(3, min_tokens=3), threading.Event())
+    for r in (free, held, short):
+        engine.submit(r)
+    assert drain(free) == [], "a reply without a minimum ends at its stop token"
+    held_tokens = drain(held)
+    assert len(held_tokens) >= 6 and first not in held_tokens[:6]
+    assert len(drain(short)) == 3
+    assert batch_sizes[0] == 3, "the three requests shared one batch"

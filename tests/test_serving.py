@@ -1,0 +1,183 @@
+"""The registry on the real embedded model: one base for every adapter, mixed batches, folders that change or break."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from assistant.generation import GenerationParams, complete_reply
+from assistant.loading import load_chat_model
+from serve import registry as registry_module
+from serve.registry import BASE_CHOICE, ChoiceError, ModelRegistry
+
+GREEDY = GenerationParams(max_new_tokens=10, temperature=0.0)
+HELLO = [{"role": "user", "content": "Hello, how are you today?"}]
+
+
+def random_adapter(folder: Path, config, seed: int) -> Path:
+    """An adapter on the embedded model whose weights change replies (peft's own init would be a no-op)."""
+    import torch
+    from peft import get_peft_model
+
+    from assistant.models import load_base_model, load_tokenizer, pick_precision
+
+    torch.manual_seed(seed)
+    model = get_peft_model(load_base_model("embedded", pick_precision("fp32")), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(folder)
+    load_tokenizer("embedded").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(tmp_path_factory, lora_adapter) -> Path:
+    """pirate (LoRA on q/v), sailor (LoRA on k/o/up: modules pirate leaves alone), prefix (prefix tuning)."""
+    from peft import LoraConfig, PrefixTuningConfig
+
+    root = tmp_path_factory.mktemp("served")
+    shutil.copytree(lora_adapter, root / "pirate")
+    random_adapter(root / "sailor", LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "o_proj", "up_proj"],
+                                               task_type="CAUSAL_LM"), seed=1)
+    random_adapter(root / "prefix", PrefixTuningConfig(num_virtual_tokens=6, task_type="CAUSAL_LM"), seed=2)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_adapters_share_one_base_and_decode_in_one_batch(adapters_dir, precision, monkeypatch):
+    from assistant.models import cpu_has_bf16
+
+    if precision == "int4" and not cpu_has_bf16():
+        pytest.skip("int4 serving needs a CPU with bf16 units (AVX512-BF16 or AMX)")
+    registry = ModelRegistry(adapters_dir, precision=precision)
+    choices = [BASE_CHOICE, "pirate", "prefix", "sailor"]
+    assert registry.choices == choices
+    solo = {c: complete_reply(registry.get(c), HELLO, GREEDY) for c in choices}
+    assert len(set(solo.values())) == 4, f"every adapter changes the reply: {solo}"
+    hosts = {id(registry.get(c).host) for c in choices}
+    assert len(hosts) == 1 and len(registry._hosts) == 1, "every adapter is attached to one copy of the base"
+
+    host = registry.get("pirate").host
+    runner, batches = host.runner, []
+    monkeypatch.setattr(host, "runner", lambda group, names: batches.append((group, list(names))) or runner(group, names))
+    together: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda c=c: together.update({c: complete_reply(registry.get(c), HELLO, GREEDY)}))
+               for c in choices]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert together == solo, "a reply decoded beside other adapters' equals its reply alone"
+    mixed = [names for group, names in batches if len(set(names)) >= 3]
+    assert mixed, f"base and both LoRA adapters were not decoded in one batch: {batches}"
+    if precision == "fp32":  # ...and equal to the adapter loaded on its own, the way train.eval loads it
+        for choice in ("pirate", "prefix"):
+            alone = load_chat_model(adapter=adapters_dir / choice, precision="fp32")
+            assert complete_reply(alone, HELLO, GREEDY) == solo[choice]
+
+
+def test_the_adapters_folder_is_read_again_and_staging_folders_never_appear(tmp_path, lora_adapter, monkeypatch):
+    monkeypatch.setattr(registry_module, "SCAN_S", 0.0)
+    registry = ModelRegistry(tmp_path)
+    assert registry.choices == [BASE_CHOICE] and registry.default_choice() == BASE_CHOICE
+    shutil.copytree(lora_adapter, tmp_path / ".support.partial-42")  # a killed run's staging folder (sorts first)
+    shutil.copytree(lora_adapter, tmp_path / "support.partial")
+    shutil.copytree(lora_adapter, tmp_path / "support")  # published while the app runs
+    assert registry.choices == [BASE_CHOICE, "support"]
+    assert registry.default_choice() == "support"
+
+
+def test_the_adapter_given_on_the_command_line_is_the_default(tmp_path, lora_adapter):
+    for name in ("alpha", ".alpha.partial"):
+        shutil.copytree(lora_adapter, tmp_path / "adapters" / name)
+    given = shutil.copytree(lora_adapter, tmp_path / "elsewhere" / "zeta")
+    registry = ModelRegistry(tmp_path / "adapters", [str(given)])
+    assert registry.choices == [BASE_CHOICE, "alpha", "zeta"]
+    assert registry.default_choice() == "zeta"
+    given_in_the_folder = ModelRegistry(tmp_path / "adapters", [str(tmp_path / "adapters" / "alpha")])
+    assert given_in_the_folder.default_choice() == "alpha"
+
+
+def test_a_malformed_adapter_folder_is_unavailable_with_its_reason(tmp_path, lora_adapter):
+    shutil.copytree(lora_adapter, tmp_path / "good")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text('{"peft_type": "LORA",')  # cut off mid-write
+    shutil.copytree(lora_adapter, tmp_path / "weightless")
+    (tmp_path / "weightless" / "adapter_model.safetensors").unlink()
+    registry = ModelRegistry(tmp_path)
+    assert registry.choices == [BASE_CHOICE, "good"]
+    assert set(registry.unavailable) == {"broken", "weightless"}
+    assert "adapter_config.json: not valid JSON" in registry.unavailable["broken"].reason
+    assert "no adapter weights" in registry.unavailable["weightless"].reason
+    with pytest.raises(ChoiceError, match="broken.*unavailable.*adapter_config.json"):
+        registry.get("broken")
+    status = registry.describe("good")
+    assert "Unavailable" in status and "broken" in status and "weightless" in status
+
+
+@pytest.mark.slow
+def test_a_failed_load_is_remembered_until_the_folder_changes(tmp_path, lora_adapter, monkeypatch):
+    monkeypatch.setattr(registry_module, "SCAN_S", 0.0)
+    shutil.copytree(lora_adapter, tmp_path / "good")
+    shutil.copytree(lora_adapter, tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    registry = ModelRegistry(tmp_path)
+    assert registry.choices == [BASE_CHOICE, "corrupt", "good"]  # it looks fine until it is loaded
+    with pytest.raises(ChoiceError, match="corrupt.*unavailable"):
+        registry.get("corrupt")
+    assert "could not be loaded" in registry.unavailable["corrupt"].reason
+    assert registry.choices == [BASE_CHOICE, "good"]
+    attempts = []
+    monkeypatch.setattr(registry_module, "chat_model", lambda *a: attempts.append(a))
+    with pytest.raises(ChoiceError, match="could not be loaded"):
+        registry.get("corrupt")
+    assert not attempts, "a remembered failure is not loaded again"
+    monkeypatch.undo()
+    assert complete_reply(registry.get("good"), HELLO, GREEDY), "every other adapter keeps working"
+    time.sleep(0.01)
+    shutil.copy(lora_adapter / "adapter_model.safetensors", tmp_path / "corrupt")  # fixed on disk
+    registry._scan(force=True)
+    assert "corrupt" in registry.choices
+    assert registry.get("corrupt").adapter == str(tmp_path / "corrupt")
+
+
+@pytest.mark.slow
+def test_an_adapter_published_again_into_its_folder_is_served_anew(tmp_path, adapters_dir, monkeypatch):
+    monkeypatch.setattr(registry_module, "SCAN_S", 0.0)
+    folder = shutil.copytree(adapters_dir / "pirate", tmp_path / "support")
+    registry = ModelRegistry(tmp_path, precision="fp32")
+    before = complete_reply(registry.get("support"), HELLO, GREEDY)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):  # what train.sft publishes
+        shutil.copy(adapters_dir / "sailor" / name, folder / name)
+    after = complete_reply(registry.get("support"), HELLO, GREEDY)
+    sailor = complete_reply(registry_for(adapters_dir).get("sailor"), HELLO, GREEDY)
+    assert after == sailor != before
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 4
+
+
+def registry_for(folder: Path) -> ModelRegistry:
+    return ModelRegistry(folder, precision="fp32")
+
+
+@pytest.mark.slow
+def test_compare_mode_decodes_the_adapter_and_the_base_model_in_one_batch(adapters_dir, monkeypatch):
+    from ui.chat import Settings, stream_turn
+    from ui.stopping import Stopper
+
+    registry = ModelRegistry(adapters_dir, precision="fp32")
+    solo = {c: complete_reply(registry.get(c), HELLO, GREEDY) for c in (BASE_CHOICE, "pirate")}
+    host = registry.get("pirate").host
+    runner, batches = host.runner, []
+    monkeypatch.setattr(host, "runner", lambda group, names: batches.append(list(names)) or runner(group, names))
+    settings = Settings("pirate", "", GREEDY, compare=True)  # no system prompt: HELLO as it is
+    *_, (history, base) = stream_turn(registry, Stopper(), settings, HELLO, HELLO)
+    assert history[-1]["content"] == solo["pirate"] and base[-1]["content"] == solo[BASE_CHOICE]
+    assert sorted(batches[0], key=str) == sorted([registry.get("pirate").adapter_name, None], key=str), batches
