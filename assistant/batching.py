@@ -358,7 +358,7 @@ def stop_ids(model, tokenizer) -> frozenset[int]:
     """End-of-turn tokens: the model's generation config's and the tokenizer's."""
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    return frozenset(eos + [tokenizer.eos_token_id])
+    return frozenset(t for t in [*eos, tokenizer.eos_token_id] if t is not None)
 
 
 _engines_lock = threading.Lock()

@@ -10,9 +10,11 @@ servable choice: a host, an adapter on it (or none) and the tokenizer it must be
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +50,7 @@ class Host:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     attaching: threading.Event = field(default_factory=threading.Event, repr=False)  # running batches pause
     engine: object = field(default=None, repr=False)  # its BatchEngine, started on first reply
+    _names: Iterator[int] = field(default_factory=itertools.count, repr=False)
 
     def attach(self, folder: str | Path) -> tuple[str, str]:
         """Attach an adapter folder (once) and return (its adapter name, its method)."""
@@ -56,15 +59,25 @@ class Host:
             name = self.folders[key]
             return name, "prefix" if name in self.prefix else "lora"
         method = method_of(adapter_info(folder))
-        name = f"adapter{len(self.folders)}"  # peft module keys: no dots, nothing like "lora_"
+        name = f"adapter{next(self._names)}"  # peft module keys: no dots, nothing like "lora_"; never reused
         self.attaching.set()  # a running batch pauses at its next token and releases the lock
         try:
             with self.lock:
-                _in_short_thread(self._attach, folder, name, method)
+                try:
+                    _in_short_thread(self._attach, folder, name, method)
+                except Exception:
+                    self._forget(name)  # a half-added adapter must not linger in the model
+                    raise
         finally:
             self.attaching.clear()
         self.folders[key] = name
         return name, method
+
+    def _forget(self, name: str) -> None:
+        self.prefix.pop(name, None)
+        if self.lora is not None and name in self.lora.peft_config:
+            with contextlib.suppress(Exception):  # best effort: the adapter failed to load anyway
+                self.lora.delete_adapter(name)
 
     def _attach(self, folder: str | Path, name: str, method: str) -> None:
         from peft import PeftConfig, PeftModel

@@ -140,3 +140,13 @@ def test_min_and_max_tokens_are_per_row(host, monkeypatch):
     assert len(held_tokens) >= 6 and first not in held_tokens[:6]
     assert len(drain(short)) == 3
     assert batch_sizes[0] == 3, "the three requests shared one batch"
+
+
+def test_end_of_turn_ids_leave_out_tokens_a_model_does_not_have(host):
+    no_eos = SimpleNamespace(eos_token_id=None)  # a tokenizer without an end-of-sequence token
+    assert batching.stop_ids(host.base, no_eos) == frozenset()
+    host.base.generation_config.eos_token_id = 3
+    assert batching.stop_ids(host.base, no_eos) == frozenset({3})
+    request = Request(PROMPT, params(4, min_tokens=2), threading.Event(), stop_ids=batching.stop_ids(host.base, no_eos))
+    tokens = drain(engine_for(host).submit(request))
+    assert len(tokens) >= 2 and all(isinstance(t, int) for t in tokens), tokens

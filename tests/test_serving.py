@@ -131,6 +131,7 @@ def test_a_failed_load_is_remembered_until_the_folder_changes(tmp_path, lora_ada
     (tmp_path / "corrupt" / "adapter_model.safetensors").write_bytes(b"not safetensors")
     registry = ModelRegistry(tmp_path)
     assert registry.choices == [BASE_CHOICE, "corrupt", "good"]  # it looks fine until it is loaded
+    registry.get("good")  # the LoRA model exists when the corrupt adapter fails half-way into it
     with pytest.raises(ChoiceError, match="corrupt.*unavailable"):
         registry.get("corrupt")
     assert "could not be loaded" in registry.unavailable["corrupt"].reason
