@@ -182,3 +182,26 @@ def test_compare_mode_decodes_the_adapter_and_the_base_model_in_one_batch(adapte
     *_, (history, base) = stream_turn(registry, Stopper(), settings, HELLO, HELLO)
     assert history[-1]["content"] == solo["pirate"] and base[-1]["content"] == solo[BASE_CHOICE]
     assert sorted(batches[0], key=str) == sorted([registry.get("pirate").adapter_name, None], key=str), batches
+
+
+@pytest.mark.slow
+def test_loading_one_adapter_never_holds_up_replies_of_the_others(adapters_dir, monkeypatch):
+    registry = ModelRegistry(adapters_dir, precision="fp32")
+    registry.get(BASE_CHOICE)
+    real, loading = registry_module.chat_model, threading.Event()
+
+    def slow_chat_model(host, folder=None):
+        if folder is not None:
+            loading.set()
+            time.sleep(3.0)  # a large adapter on a slow disk
+        return real(host, folder)
+
+    monkeypatch.setattr(registry_module, "chat_model", slow_chat_model)
+    loader = threading.Thread(target=registry.get, args=("sailor",))
+    loader.start()
+    assert loading.wait(10)
+    start = time.monotonic()
+    assert complete_reply(registry.get(BASE_CHOICE), HELLO, GREEDY)
+    assert time.monotonic() - start < 2.5, "the base model's reply waited for another adapter's load"
+    loader.join(30)
+    assert registry.get("sailor").adapter
