@@ -1,8 +1,10 @@
 """Who may call the app's programmatic APIs (`/v1` and Gradio's `/chat`).
 
 Without an API key only a caller on this machine is served, and only when nothing can relay strangers
-to it: the app is bound to loopback, no `--share` tunnel runs and the request carries no proxy
-header (a reverse proxy or the tunnel connects from 127.0.0.1, so every caller would look local).
+to it: the app is bound to loopback, no `--share` tunnel runs, the request carries no proxy header (a
+reverse proxy or the tunnel connects from 127.0.0.1, so every caller would look local) and no browser
+says it comes from another site's page (any web page open on this machine can send requests to
+127.0.0.1; its Origin gives it away).
 With a key, `Authorization: Bearer KEY` is required; with a Gradio login (`--auth-file`), a logged-in
 session works too and the keyless rule no longer applies.
 """
@@ -101,4 +103,6 @@ class AccessPolicy:
         relayed = [h for h in PROXY_HEADERS if h in headers]
         if relayed:
             return f"the request came through a proxy ({', '.join(relayed)})"
+        if not same_origin(headers):  # a page of some site, open in a browser on this machine
+            return f"a web page of {headers.get('origin')} sent it"
         return None

@@ -67,9 +67,12 @@ def models(peer: str, policy: AccessPolicy, headers: dict | None = None, session
         (LOOPBACK, AccessPolicy(api_key=KEY), {}, 401),
         (LOOPBACK, AccessPolicy(api_key=KEY), {"Authorization": f"Basic {KEY}"}, 401),
         (LOOPBACK, AccessPolicy(login=True), {}, 403),
+        (LOOPBACK, AccessPolicy(), {"Origin": "https://evil.example", "Host": "127.0.0.1:7860"}, 403),
+        (LOOPBACK, AccessPolicy(), {"Origin": "http://127.0.0.1:7860", "Host": "127.0.0.1:7860"}, 200),
     ],
     ids=["loopback", "ipv6-loopback", "stranger", "x-forwarded-for", "forwarded", "x-real-ip", "share",
-         "bound-to-all", "key-right", "key-wrong", "key-missing-even-locally", "key-not-bearer", "login-no-session"],
+         "bound-to-all", "key-right", "key-wrong", "key-missing-even-locally", "key-not-bearer", "login-no-session",
+         "page-of-another-site", "page-of-the-app"],
 )
 def test_v1_checks_the_caller_not_the_bind_address(peer, policy, headers, status):
     response = models(peer, policy, headers)
