@@ -257,11 +257,13 @@ def run(config) -> str:
 
     from train.budget import TimeBudget
     from train.collate import ChatCollator
+    from train.events import EventLog, TrainingEvents
     from train.report import loss_curves, perplexity, plot_loss, write_report
     from train.trainer import ChatTrainer
     from train.verify import verify_adapter
 
     started = time.time()
+    events = EventLog(config.events_file)
     training_precision(config)  # fail on impossible options before reading any data
     target = check_output_dir(config)
     data = prepare_data(config)
@@ -269,6 +271,7 @@ def run(config) -> str:
     logger.info(
         "data: %d train / %d valid examples, %d tokens", len(train.items), len(valid.items), train.tokens
     )
+    events.phase("data", f"{len(train.items)} train / {len(valid.items)} valid examples, {train.tokens} tokens")
     logger.info("system prompt trained: %s", data.prompt.describe())
     resume_from = checkpoint_to_resume(config)
     model, precision, initial = build_model(config, tokenizer, train)
@@ -292,14 +295,19 @@ def run(config) -> str:
         callbacks=callbacks,
     )
     eval_started = time.time()
+    events.phase("base_eval", "evaluating the base model")
     base_loss = base_eval_loss(trainer, model)
+    budget = None
     if config.time_budget > 0:
-        trainer.add_callback(
-            TimeBudget(config.time_budget * 60, started, eval_seconds=time.time() - eval_started)
-        )
+        budget = TimeBudget(config.time_budget * 60, started, eval_seconds=time.time() - eval_started)
+        trainer.add_callback(budget)
+    trainer.add_callback(TrainingEvents(events, lambda: trainer.train_tokens, lambda: budget and budget.planned))
     trainer.eval_seconds = 0.0  # the base evaluation is not part of training time
+    resumed = f", resumed from {Path(resume_from).name}" if resume_from else ""
+    events.phase("training", f"training ({config.method}), base eval loss {base_loss}{resumed}")
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = trainer.evaluate() if valid.items else {}
+    events.phase("checks", "saving the adapter and checking it")
     train_seconds = result.metrics["train_runtime"] - trainer.eval_seconds + metrics.get("eval_runtime", 0)
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -340,6 +348,7 @@ def run(config) -> str:
         }
         write_report(staging, report)  # written last: a folder with a report is a complete adapter
         publish(staging, target, config.checkpoint_dir / "previous.partial")
+        events.phase("published", f"adapter published to {target}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     ppl = report["eval_perplexity"]

@@ -120,6 +120,11 @@ class SFTConfig:
         default=5, metadata=_help("Log train loss every N steps (progress bar, TensorBoard).")
     )
     probe_tokens: int = field(default=48, metadata=_help("Length of each probe reply."))
+    events_file: str | None = field(
+        default=None,
+        metadata=_help("Append progress as JSON lines to this file (phases, metrics with rate and ETA, "
+                       "checkpoints, the result): what the app's fine-tuning jobs read."),
+    )
     probes: int = field(
         default=3, metadata=_help("Validation prompts answered before/after training in the report.")
     )
@@ -147,20 +152,25 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     configure(logging.INFO)
     config = parse_config(sys.argv[1:] if argv is None else argv)
+    from train.events import EventLog
     from train.pipeline import InputError, run
     from train.verify import AdapterCheckError
 
+    events = EventLog(config.events_file)
     try:
         # Libraries print progress and logs to stdout; stdout carries only the one result line.
         with contextlib.redirect_stdout(sys.stderr):
             summary = run(config)
     except InputError as problem:
         print(f"error: {problem}", file=sys.stderr)
+        events.write("error", message=str(problem), kind="input")
         return 2
     except AdapterCheckError as failed:
         # The run's checkpoints stay; the previous adapter folder (if any) is untouched.
         print(f"error: the new adapter was not published: {failed}", file=sys.stderr)
+        events.write("error", message=f"the new adapter was not published: {failed}", kind="check")
         return 1
+    events.write("done", adapter=config.output_dir, summary=summary)
     print(summary)
     return 0
 

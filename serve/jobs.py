@@ -1,0 +1,418 @@
+"""Fine-tuning jobs: `train.sft` run as a separate process, one at a time, each job with its own folder.
+
+`<root>/<job id>/` holds `job.json` (the job, as OpenAI's fine-tuning job object plus what resuming
+needs), `events.jsonl` (the runner's status messages), `train_events.jsonl` (train.sft's
+`--events-file`: phases, metrics with rate and ETA, checkpoints) and `train.log` (its output).
+Training never runs inside the serving process, so the app stays responsive; the adapter is
+published into the adapters folder, where the app's registry finds it without a restart.
+
+A new job is checked by the dataset doctor (`python -m train.check`) at once, even while another job
+trains: bad data fails the job with the doctor's file/line/field messages and never starts training.
+Jobs survive the server: a job that was running when the server (or its training process) died is
+`paused` on the next start, and `resume` continues it from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from serve.files import FileError, FileStore
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository: train.sft runs from here
+JOB = "job.json"
+EVENTS = "events.jsonl"
+TRAIN_EVENTS = "train_events.jsonl"
+LOG = "train.log"
+ACTIVE = ("validating_files", "queued", "running")  # OpenAI's statuses; plus succeeded, failed, cancelled, paused
+METHODS = ("lora", "prefix")
+POLL_S = 0.5  # how often a running job's process is checked (cancel, pause, exit)
+
+
+class JobError(ValueError):
+    """A request about jobs that cannot be done; `status` is the HTTP status, `param` the field at fault."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+
+@dataclass
+class Job:
+    """One fine-tuning job: what it trains, and where it stands."""
+
+    id: str
+    created_at: int
+    training_file: str
+    model: str = "base"  # "base" (the app's base model) or a base model name
+    validation_file: str | None = None
+    suffix: str | None = None
+    seed: int = 42
+    n_epochs: float | None = None  # None: train.sft's default (1 epoch)
+    batch_size: int | None = None
+    learning_rate_multiplier: float | None = None  # times the method's default learning rate
+    method: str = "lora"
+    time_budget_minutes: float = 0.0
+    max_steps: int | None = None
+    system_prompt: str | None = None
+    status: str = "validating_files"
+    error: dict | None = None  # {"code", "message", "param"}
+    fine_tuned_model: str | None = None  # the adapter's name in the app once it succeeded
+    output_name: str = ""  # the adapter folder's name in the adapters directory
+    finished_at: int | None = None
+    trained_tokens: int | None = None
+    pid: int | None = None  # the training process while it runs
+    resume: bool = False  # the next run continues from the last checkpoint
+    stop_as: str | None = None  # "cancelled" or "paused": why the running process is being stopped
+
+    def to_openai(self) -> dict:
+        """OpenAI's fine_tuning.job object (our extras under "adapter")."""
+        return {
+            "object": "fine_tuning.job",
+            "id": self.id,
+            "created_at": self.created_at,
+            "model": self.model,
+            "fine_tuned_model": self.fine_tuned_model,
+            "finished_at": self.finished_at,
+            "status": self.status,
+            "error": self.error,
+            "training_file": self.training_file,
+            "validation_file": self.validation_file,
+            "hyperparameters": {
+                "n_epochs": self.n_epochs if self.n_epochs is not None else "auto",
+                "batch_size": self.batch_size if self.batch_size is not None else "auto",
+                "learning_rate_multiplier": self.learning_rate_multiplier or "auto",
+            },
+            "method": {"type": "supervised"},
+            "adapter": {"type": self.method, "time_budget_minutes": self.time_budget_minutes,
+                        "max_steps": self.max_steps},
+            "suffix": self.suffix,
+            "seed": self.seed,
+            "trained_tokens": self.trained_tokens,
+            "result_files": [],
+            "organization_id": "local",
+            "estimated_finish": None,
+            "integrations": [],
+        }
+
+
+def read_lines(path: Path) -> list[dict]:
+    """The JSON lines of a file (a torn last line, from a kill mid-write, is skipped)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+class JobRunner:
+    """Creates, validates, runs, stops and resumes fine-tuning jobs; one trains at a time, oldest first."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        adapters_dir: str | Path,
+        files: FileStore,
+        *,
+        base_model: str | None = None,
+        extra_args: list[str] | None = None,
+        on_published: Callable[[str], None] | None = None,
+        start: bool = True,
+    ):
+        self.root, self.adapters_dir, self.files = Path(root), Path(adapters_dir), files
+        self.base_model = base_model  # the app's --base-model: what "base" means
+        self.extra_args = list(extra_args or [])  # e.g. faster probes in tests
+        self.on_published = on_published  # told the adapter's name when a job succeeds
+        self.lock = threading.RLock()
+        self.wake = threading.Condition(self.lock)
+        self.closed = False
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._recover()
+        self.thread = threading.Thread(target=self._loop, name="fine-tuning-jobs", daemon=True)
+        if start:
+            self.thread.start()
+
+    # -- requests ------------------------------------------------------------------------------------
+    def create(self, training_file: str, **options) -> Job:
+        """A new job; the doctor checks its data at once, then it waits for its turn."""
+        unknown = set(options) - {f.name for f in fields(Job)}
+        if unknown:
+            raise JobError(f"unknown job option(s): {', '.join(sorted(unknown))}")
+        for param, file_id in (("training_file", training_file), ("validation_file", options.get("validation_file"))):
+            if file_id is not None:
+                try:
+                    self.files.get(file_id)
+                except FileError as error:
+                    raise JobError(str(error), 400, param, "invalid_file") from None
+        method = options.get("method") or "lora"
+        if method not in METHODS:
+            raise JobError(f"adapter type {method!r} is not one of {', '.join(METHODS)}", param="adapter.type")
+        job_id = f"ftjob-{uuid.uuid4().hex[:24]}"
+        suffix = options.get("suffix")
+        name = f"ft-{_slug(suffix) if suffix else 'assistant'}-{job_id[-6:]}"
+        job = Job(job_id, int(time.time()), training_file, **{**options, "method": method}, output_name=name)
+        (self.root / job.id).mkdir(parents=True)
+        self._save(job)
+        self._event(job, f"Created fine-tuning job {job.id}")
+        threading.Thread(target=self._validate, args=(job.id,), name=f"validate-{job.id}", daemon=True).start()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        """The job, or JobError 404."""
+        path = self.root / job_id / JOB
+        if not re.fullmatch(r"ftjob-[0-9a-f]{24}", job_id or "") or not path.is_file():
+            raise JobError(f"No such fine-tuning job: {job_id}", 404, "fine_tuning_job_id", "job_not_found")
+        with self.lock:
+            return Job(**json.loads(path.read_text()))
+
+    def list(self) -> list[Job]:
+        """Every job, newest first."""
+        ids = [p.name for p in self.root.iterdir() if (p / JOB).is_file()] if self.root.is_dir() else []
+        return sorted((self.get(i) for i in ids), key=lambda j: (j.created_at, j.id), reverse=True)
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a job that has not finished (its checkpoints stay; nothing is published)."""
+        return self._stop(job_id, "cancelled", allowed=(*ACTIVE, "paused"))
+
+    def pause(self, job_id: str) -> Job:
+        """Stop a running or waiting job so that `resume` continues it from its last checkpoint."""
+        return self._stop(job_id, "paused", allowed=ACTIVE)
+
+    def resume(self, job_id: str) -> Job:
+        """Put a paused job back in line; it continues from its last checkpoint."""
+        with self.lock:
+            job = self.get(job_id)
+            if job.status != "paused":
+                raise JobError(f"job {job_id} is {job.status}; only a paused job can be resumed", 400, None,
+                               "invalid_job_status")
+            job.status, job.resume, job.error = "queued", True, None
+            self._save(job)
+            self._event(job, "Resumed: the job continues from its last checkpoint when its turn comes")
+            self.wake.notify_all()
+            return job
+
+    def events(self, job_id: str) -> list[dict]:
+        """The runner's messages and the trainer's events, oldest first."""
+        self.get(job_id)
+        folder = self.root / job_id
+        merged = [{**e, "source": "runner"} for e in read_lines(folder / EVENTS)]
+        merged += [{**e, "source": "train"} for e in read_lines(folder / TRAIN_EVENTS)]
+        return sorted(merged, key=lambda e: e.get("time", 0))
+
+    def checkpoints(self, job_id: str) -> list[dict]:
+        """The checkpoints the trainer completed, newest first (those still on disk)."""
+        marks = [e for e in read_lines(self.root / job_id / TRAIN_EVENTS) if e.get("event") == "checkpoint"]
+        return sorted((m for m in marks if Path(m["path"]).exists()), key=lambda m: m["step"], reverse=True)
+
+    def log_tail(self, job_id: str, lines: int = 40) -> str:
+        """The last lines of the training process's output."""
+        path = self.root / job_id / LOG
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the runner; a job still training is paused (resumable) rather than left running unseen."""
+        with self.lock:
+            self.closed = True
+            running = [j for j in self.list() if j.status == "running"]
+            for job in running:
+                self._stop(job.id, "paused", allowed=("running",))
+            self.wake.notify_all()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    # -- the work ------------------------------------------------------------------------------------
+    def _validate(self, job_id: str) -> None:
+        job = self.get(job_id)
+        command = [sys.executable, "-m", "train.check", str(self.files.path(job.training_file)),
+                   "--base-model", self._base(job)]
+        if job.system_prompt:
+            command += ["--system-prompt", job.system_prompt]
+        self._event(job, "Validating the training file")
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=_env())
+        problems = [line.removeprefix("error: ") for line in done.stderr.splitlines() if line.startswith("error")]
+        with self.lock:
+            job = self.get(job_id)
+            if job.status != "validating_files":  # cancelled meanwhile
+                return
+            if done.returncode != 0:
+                message = "; ".join(problems) or done.stderr.strip()[-2000:] or "the dataset doctor failed"
+                job.status, job.finished_at = "failed", int(time.time())
+                job.error = {"code": "invalid_training_file", "message": message, "param": "training_file"}
+                self._save(job)
+                self._event(job, f"Training file is invalid: {message}", level="error")
+                return
+            summary = [line for line in done.stdout.splitlines() if line.startswith(("format:", "examples:", "tokens:"))]
+            job.status = "queued"
+            self._save(job)
+            self._event(job, "Training file is valid: " + " · ".join(summary))
+            self.wake.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self.closed and not (queued := [j for j in self.list() if j.status == "queued"]):
+                    self.wake.wait(timeout=5.0)
+                if self.closed:
+                    return
+                job = min(queued, key=lambda j: (j.created_at, j.id))
+            try:
+                self._train(job)
+            except Exception as error:  # the runner must go on with the next job
+                logger.exception("fine-tuning job %s failed to run", job.id)
+                self._finish(job.id, "failed", {"code": "runner_error", "message": str(error), "param": None})
+
+    def _train(self, job: Job) -> None:
+        folder = self.root / job.id
+        command = [
+            sys.executable, "-m", "train.sft", str(self.files.path(job.training_file)),
+            "--output-dir", str(self.adapters_dir / job.output_name),
+            "--events-file", str(folder / TRAIN_EVENTS),
+            "--method", job.method, "--seed", str(job.seed), "--base-model", self._base(job),
+        ]
+        if job.validation_file:
+            command += ["--valid-file", str(self.files.path(job.validation_file))]
+        options = {"--epochs": job.n_epochs, "--batch-size": job.batch_size, "--max-steps": job.max_steps,
+                   "--time-budget": job.time_budget_minutes or None, "--system-prompt": job.system_prompt,
+                   "--learning-rate": self._learning_rate(job)}
+        command += [str(a) for flag, value in options.items() if value is not None for a in (flag, value)]
+        command += ["--resume"] if job.resume else []
+        command += self.extra_args
+        with self.lock:
+            job = self.get(job.id)
+            if job.status != "queued":
+                return
+            with (folder / LOG).open("a") as log:
+                process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env(),
+                                           start_new_session=True)  # its own group: a stop ends all of it
+            job.status, job.pid = "running", process.pid
+            self._save(job)
+            self._event(job, "Fine-tuning job started" + (" (resumed from its last checkpoint)" if job.resume else ""))
+        while process.poll() is None:
+            time.sleep(POLL_S)
+        with self.lock:
+            job = self.get(job.id)
+            job.pid = None
+            if job.stop_as:
+                self._finish(job.id, job.stop_as, None, job)
+            elif process.returncode < 0:  # killed by a signal nobody here sent (OOM killer, kill -9)
+                self._finish(job.id, "paused", None, job)
+                self._event(job, f"Interrupted: the training process was killed (signal {-process.returncode})",
+                            level="warn")
+            elif process.returncode == 0:
+                report = self.adapters_dir / job.output_name / "training_report.json"
+                tokens = json.loads(report.read_text()).get("data", {}).get("train", {}).get("tokens")
+                job.fine_tuned_model, job.trained_tokens = job.output_name, tokens
+                self._finish(job.id, "succeeded", None, job)
+                if self.on_published:
+                    self.on_published(job.output_name)
+            else:
+                self._finish(job.id, "failed", {"code": "training_failed", "param": None,
+                                                "message": self._failure(job.id, process.returncode)}, job)
+
+    def _finish(self, job_id: str, status: str, error: dict | None, job: Job | None = None) -> None:
+        with self.lock:
+            job = job or self.get(job_id)
+            job.status, job.error, job.stop_as, job.pid = status, error, None, None
+            job.finished_at = int(time.time()) if status != "paused" else None
+            job.resume = status == "paused"
+            self._save(job)
+            message = {
+                "succeeded": f"The job has successfully completed: model {job.fine_tuned_model} is ready to chat",
+                "failed": f"The job failed: {error and error['message']}",
+                "cancelled": "The job was cancelled",
+                "paused": "The job was paused; resume it to continue from its last checkpoint",
+            }[status]
+            self._event(job, message, level="error" if status == "failed" else "info")
+
+    def _stop(self, job_id: str, status: str, allowed: tuple[str, ...]) -> Job:
+        with self.lock:
+            job = self.get(job_id)
+            if job.status not in allowed:
+                raise JobError(f"job {job_id} is {job.status}: it cannot be {status}", 400, None, "invalid_job_status")
+            if job.status == "running" and job.pid:
+                job.stop_as = status
+                self._save(job)
+                _terminate(job.pid)  # the job loop sees the exit and records the status
+                self._event(job, f"Stopping the training process ({status})")
+            else:
+                self._finish(job.id, status, None, job)
+            return self.get(job_id)
+
+    def _recover(self) -> None:
+        """After a restart: a job that was running is paused (resumable), one being validated is validated again."""
+        for job in self.list():
+            if job.status == "running":
+                if job.pid:
+                    _terminate(job.pid)  # a training process that outlived its server: nobody watches it now
+                job.stop_as = None
+                self._save(job)
+                self._finish(job.id, "paused", None, job)
+                self._event(job, "Interrupted: the server stopped while the job ran", level="warn")
+            elif job.status == "validating_files":
+                threading.Thread(target=self._validate, args=(job.id,), daemon=True).start()
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _base(self, job: Job) -> str:
+        from assistant.embedded import EMBEDDED
+
+        return (self.base_model or EMBEDDED) if job.model == "base" else job.model
+
+    @staticmethod
+    def _learning_rate(job: Job) -> float | None:
+        if not job.learning_rate_multiplier:
+            return None
+        from train.sft import SFTConfig
+
+        return SFTConfig(method=job.method).lr * job.learning_rate_multiplier
+
+    def _failure(self, job_id: str, code: int) -> str:
+        errors = [e["message"] for e in read_lines(self.root / job_id / TRAIN_EVENTS) if e.get("event") == "error"]
+        if errors:
+            return errors[-1]
+        tail = [line for line in self.log_tail(job_id, 200).splitlines() if line.startswith("error:")]
+        return tail[-1].removeprefix("error: ") if tail else f"train.sft exited with code {code}; see its log"
+
+    def _save(self, job: Job) -> None:
+        path = self.root / job.id / JOB
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(asdict(job), indent=2, ensure_ascii=False) + "\n")
+        partial.replace(path)  # never a half-written job.json, even on a kill
+
+    def _event(self, job: Job, message: str, level: str = "info") -> None:
+        line = {"event": "status", "time": round(time.time(), 3), "level": level, "status": job.status,
+                "message": message}
+        with (self.root / job.id / EVENTS).open("a", encoding="utf-8") as out:
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
+def _terminate(pid: int) -> None:
+    """End a training process and its children (its own process group); nothing if it is gone."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:40] or "assistant"
