@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 
 from assistant.logs import configure
@@ -50,6 +52,9 @@ def config_from_env() -> ChatConfig:
         port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
         # A Space has no adapters/ folder, so there the menu offers the base model and the adapter above.
         adapters_dir=os.environ.get("ASSISTANT_ADAPTERS_DIR", "adapters"),
+        jobs_dir=os.environ.get("ASSISTANT_JOBS_DIR", "jobs"),
+        # Training on a Space needs a login or a key (its app is bound to 0.0.0.0); this turns it off.
+        no_training=os.environ.get("ASSISTANT_NO_TRAINING", "") not in ("", "0"),
     )
 
 
@@ -66,4 +71,6 @@ if __name__ == "__main__":
     demo.launch(server_name=config.host, server_port=config.port, auth=config.credentials(),
                 prevent_thread_lock=True)
     mount_openai_api(demo, config)
+    # A stop sends SIGTERM, which skips atexit: exit through it, so a job that is training is paused.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     demo.block_thread()

@@ -144,6 +144,7 @@ class JobRunner:
         self.wake = threading.Condition(self.lock)
         self.closed = False
         self.root.mkdir(parents=True, exist_ok=True)
+        _claim(self.root.resolve(), self)  # before _recover: it pauses (and stops) what looks running
         self._recover()
         self.thread = threading.Thread(target=self._loop, name="fine-tuning-jobs", daemon=True)
         if start:
@@ -400,6 +401,32 @@ class JobRunner:
                 "message": message}
         with (self.root / job.id / EVENTS).open("a", encoding="utf-8") as out:
             out.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
+# Jobs folders this process runs: folder -> (its locked .runner.lock, the runner). The lock is held until the
+# process exits: a second server on the same folder would pause ("recover") and kill the first one's jobs.
+_CLAIMED: dict[Path, tuple[int | None, JobRunner]] = {}
+
+
+def _claim(root: Path, runner: JobRunner) -> None:
+    """Make `runner` the one runner of `root` in this machine's processes; JobError when another one is."""
+    held = _CLAIMED.get(root)
+    if held:
+        if not held[1].closed:
+            raise JobError(f"another app of this process runs the jobs of {root}", 409, None, "jobs_dir_taken")
+        _CLAIMED[root] = (held[0], runner)  # the lock file stays held by this process
+        return
+    fd: int | None = os.open(root / ".runner.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no flock (Windows): one server per folder is then up to the user
+        pass
+    except OSError:
+        os.close(fd)
+        raise JobError(f"another server process runs the jobs of {root}", 409, None, "jobs_dir_taken") from None
+    _CLAIMED[root] = (fd, runner)
 
 
 def _terminate(pid: int) -> None:

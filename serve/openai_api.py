@@ -56,6 +56,22 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
+def authorize(
+    request: Request, access: AccessPolicy, session_user: Callable[[Request], str | None] | None = None
+) -> None:
+    """Raise APIError unless `access` lets this request's caller in (serve.access's rule)."""
+    user = None
+    # A session cookie counts only on requests from the app's own pages: a page of another site
+    # must not be able to spend a logged-in user's session on the API.
+    if access.login and session_user and same_origin(request.headers):
+        user = session_user(request)
+    peer = request.client.host if request.client else None
+    refusal = access.check(peer, request.headers, user)
+    if refusal:
+        logger.info("refused %s %s from %s: %s", request.method, request.url.path, peer, refusal.code)
+        raise APIError(refusal.status, refusal.message, code=refusal.code)
+
+
 class OpenAIServer:
     """The API's routes over a ModelRegistry; model ids are 'base' and the adapter menu names."""
 
@@ -79,16 +95,7 @@ class OpenAIServer:
         return [BASE_ID, *self.registry.adapters]
 
     def _authorize(self, request: Request) -> None:
-        user = None
-        # A session cookie counts only on requests from the app's own pages: a page of another site
-        # must not be able to spend a logged-in user's session on the API.
-        if self.access.login and self.session_user and same_origin(request.headers):
-            user = self.session_user(request)
-        peer = request.client.host if request.client else None
-        refusal = self.access.check(peer, request.headers, user)
-        if refusal:
-            logger.info("refused %s %s from %s: %s", request.method, request.url.path, peer, refusal.code)
-            raise APIError(refusal.status, refusal.message, code=refusal.code)
+        authorize(request, self.access, self.session_user)
 
     async def models(self, request: Request):
         """GET /v1/models."""

@@ -113,20 +113,24 @@ class ChatRequest(_Strict):
 _FIELDS = {name for model in (ChatRequest, Message, TextPart, StreamOptions) for name in model.model_fields}
 
 
-def param_of(loc: tuple) -> str | None:
-    """pydantic's error location as OpenAI's `param`: ('messages', 0, 'role') -> 'messages[0].role'."""
+def param_of(loc: tuple, fields: set[str] | frozenset[str] = frozenset(_FIELDS)) -> str | None:
+    """pydantic's error location as OpenAI's `param`: ('messages', 0, 'role') -> 'messages[0].role'.
+
+    `fields`: the names a path may hold (those of the request's models)."""
     path = ""
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in _FIELDS:
+        elif part in fields:
             path += f".{part}" if path else part
     return path or None
 
 
-def describe(error: ValidationError) -> tuple[str | None, str, str | None]:
-    """(param, message, code) for the first malformed field of a request."""
-    errors = [(param_of(e["loc"]), e) for e in error.errors(include_url=False)]
+def describe(
+    error: ValidationError, fields: set[str] | frozenset[str] = frozenset(_FIELDS)
+) -> tuple[str | None, str, str | None]:
+    """(param, message, code) for the first malformed field of a request (`fields` as in param_of)."""
+    errors = [(param_of(e["loc"], fields), e) for e in error.errors(include_url=False)]
     head = errors[0][0]
     if head is None:  # the body itself: not JSON, or not an object
         kind, msg = errors[0][1]["type"], errors[0][1]["msg"]

@@ -107,6 +107,10 @@ class ModelRegistry:
         """Menu entries: the base model first, then the adapters that can be served."""
         return [BASE_CHOICE, *self.adapters]
 
+    def rescan(self) -> None:
+        """List the adapters folder again now (a fine-tuning job has just published an adapter)."""
+        self._scan(force=True)
+
     def default_choice(self) -> str:
         """The default adapter (first --adapter), else the first adapter listed, else the base model."""
         adapters = self.adapters

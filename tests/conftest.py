@@ -161,7 +161,7 @@ def lora_adapter(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def app_server(lora_adapter) -> Server:
+def app_server(lora_adapter, tmp_path_factory) -> Server:
     """The real app on a free localhost port: the embedded model (chosen) plus the test adapter in the
     menu, short greedy replies."""
     from assistant.generation import GenerationParams
@@ -169,7 +169,9 @@ def app_server(lora_adapter) -> Server:
     from ui.app import build_app, mount_openai_api
     from ui.config import ChatConfig
 
-    config = ChatConfig(adapters_dir=str(lora_adapter.parent), max_queue=8)
+    # Its own jobs folder: the repository's jobs/ is for a developer's app (one server per jobs folder).
+    config = ChatConfig(adapters_dir=str(lora_adapter.parent), max_queue=8,
+                        jobs_dir=str(tmp_path_factory.mktemp("jobs")))
     registry = ModelRegistry(config.adapters_dir, default=BASE_CHOICE)
     demo = build_app(config, defaults=GenerationParams(max_new_tokens=24, temperature=0.0), registry=registry)
     demo.registry.get(demo.registry.default_choice())  # load now, not inside the first test's timing

@@ -124,7 +124,7 @@ def test_a_gradio_login_opens_v1_and_nothing_else_does(monkeypatch):
 
     monkeypatch.setenv("ASSISTANT_AUTH", "ann:pw-1")
     monkeypatch.delenv("ASSISTANT_API_KEY", raising=False)
-    config = ChatConfig()
+    config = ChatConfig(no_training=True)
     with gr.Blocks() as demo:
         gr.Markdown("login test")
     demo.registry = FakeRegistry()
@@ -183,7 +183,7 @@ def test_the_served_chat_endpoint_refuses_a_relayed_caller(monkeypatch):
 
     monkeypatch.delenv("ASSISTANT_API_KEY", raising=False)
     monkeypatch.delenv("ASSISTANT_AUTH", raising=False)
-    demo = build_app(ChatConfig(), registry=FakeRegistry())
+    demo = build_app(ChatConfig(no_training=True), registry=FakeRegistry())
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         assert Client(url, verbose=False).predict("Hi", api_name="/chat") == "Red and blue"

@@ -114,7 +114,7 @@ def test_wrong_key_gets_401_and_the_right_one_works(app_server, monkeypatch):
     from ui.config import ChatConfig
 
     monkeypatch.setenv("ASSISTANT_API_KEY", "s3cret")
-    config = ChatConfig()
+    config = ChatConfig(no_training=True)
     demo = build_app(config, registry=app_server.registry)
     _, url, _ = demo.launch(
         server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True

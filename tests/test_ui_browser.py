@@ -196,7 +196,7 @@ def trained_prompt_page(browser, lora_adapter, tmp_path):
     shutil.copytree(lora_adapter, tmp_path / "support")
     write_trained_prompt(tmp_path / "support", summarize_prompts([None], "You answer as a pirate.", "--system-prompt"))
     registry = ModelRegistry(tmp_path, default=BASE_CHOICE)
-    demo = build_app(ChatConfig(adapters_dir=str(tmp_path)), registry=registry,
+    demo = build_app(ChatConfig(adapters_dir=str(tmp_path), no_training=True), registry=registry,
                      defaults=GenerationParams(max_new_tokens=8, temperature=0.0))
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     context = browser.new_context()
@@ -276,7 +276,7 @@ def markup_page(browser):
             yield reply[: len(reply) // 2]
             yield reply
 
-    demo = build_app(ChatConfig(), registry=ScriptedRegistry(None, default=BASE_CHOICE))
+    demo = build_app(ChatConfig(no_training=True), registry=ScriptedRegistry(None, default=BASE_CHOICE))
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     context = browser.new_context()
     page = context.new_page()

@@ -141,6 +141,8 @@ def test_space_app_reads_its_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("ASSISTANT_ADAPTER", str(adapter))
     monkeypatch.setenv("ASSISTANT_PRECISION", "fp32")
     monkeypatch.setenv("ASSISTANT_ADAPTERS_DIR", str(tmp_path / "no-more-adapters"))
+    monkeypatch.setenv("ASSISTANT_JOBS_DIR", str(tmp_path / "jobs"))
+    monkeypatch.delenv("ASSISTANT_NO_TRAINING", raising=False)
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
     monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
     sys.modules.pop("app", None)
@@ -155,6 +157,12 @@ def test_space_app_reads_its_environment(tmp_path, monkeypatch):
     assert app.config_from_env().host == "0.0.0.0"
     monkeypatch.delenv("GRADIO_SERVER_NAME")
     assert app.config_from_env().host == "127.0.0.1"
+    # The Space's Train tab runs jobs in ASSISTANT_JOBS_DIR unless ASSISTANT_NO_TRAINING turns it off.
+    assert app.demo.jobs is not None and app.demo.jobs.root == (tmp_path / "jobs").resolve()
+    assert not app.config_from_env().no_training
+    monkeypatch.setenv("ASSISTANT_NO_TRAINING", "1")
+    assert app.config_from_env().no_training
+    app.demo.jobs.close()
 
 
 def test_cli_help_lists_the_flags():

@@ -113,11 +113,11 @@ def score(
         replies = list(tqdm(pool.map(answer, examples), total=len(examples), desc=f"{desc}, replies", unit="row"))
     results = []
     for example, reply in zip(examples, replies, strict=True):
-        reference = split_reference(example)[1]
+        context, reference = split_reference(example)
         rouge = scorer.score(reference, reply)["rougeL"].fmeasure
-        results.append(
-            {"source": example.source, "reference": reference, "reply": reply, "rouge_l": round(rouge, 4)}
-        )
+        prompt = next((m["content"] for m in reversed(context) if m["role"] == "user"), "")  # what was asked
+        results.append({"source": example.source, "prompt": prompt, "reference": reference, "reply": reply,
+                        "rouge_l": round(rouge, 4)})
     bleu = sacrebleu.corpus_bleu([r["reply"] for r in results], [[r["reference"] for r in results]]).score
     return {
         "perplexity": round(math.exp(nll / max(tokens, 1)), 3),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 from transformers import HfArgumentParser
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
         prevent_thread_lock=True, quiet=True,
     )
     mount_openai_api(demo, config)
+    # `kill` / docker stop send SIGTERM, which skips atexit: exit through it, so a fine-tuning job that is
+    # training is paused (resumable) instead of left running with no server watching it.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     print(f"Chat app running on {local_url}" + (f" (public: {share_url})" if share_url else ""), flush=True)
     demo.block_thread()
 

@@ -1,7 +1,8 @@
 """The chat web app: streaming chat with Stop/Retry/Undo/Edit/Clear, prompts, adapters and compare mode.
 
 Layout and wiring live here; the event functions are in ui.handlers, the turn logic in ui.chat and
-the per-browser Stop in ui.stopping.
+the per-browser Stop in ui.stopping. The chat is the "Chat" tab; a "Train" tab (ui.train_tab) fine-tunes
+adapters beside it wherever the app runs fine-tuning jobs (not with --backend-url or --no-training).
 Histories are plain [{"role", "content"}] lists, kept in the browser's localStorage (gr.BrowserState)
 so a reload keeps them and two browsers never share one.
 
@@ -19,9 +20,11 @@ and a logged-in client (`auth=(user, password)`) needs no key.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import gradio as gr
@@ -34,13 +37,16 @@ from ui.handlers import EMPTY_STORE, Handlers, save, status_text, toggle_compare
 from ui.inert import SHOWN_AS_TEXT, PolicedBlocks
 from ui.prompts import CUSTOM_PROMPT
 from ui.stopping import StopSignals
+from ui.train_tab import TrainTab
 
 if TYPE_CHECKING:
+    from serve.jobs import JobRunner
     from serve.openai_api import OpenAIServer
 
 logger = logging.getLogger(__name__)
 
 STORAGE_KEY = "chat-assistant-history"
+CHAT_TAB, TRAIN_TAB = "chat", "train"
 
 
 def build_app(
@@ -49,20 +55,53 @@ def build_app(
     defaults: GenerationParams | None = None,
     gpu: Callable[[Callable], Callable] | None = None,
     registry: ModelRegistry | None = None,
+    jobs: JobRunner | None = None,
 ) -> gr.Blocks:
-    """The Gradio app for `config`; `defaults` set the sliders, `gpu` wraps generating functions (Spaces)."""
+    """The Gradio app for `config`; `defaults` set the sliders, `gpu` wraps generating functions (Spaces),
+    `jobs` runs the Train tab's fine-tuning jobs (default: job_runner(config))."""
     registry = registry or make_registry(config)
+    jobs = jobs if jobs is not None else job_runner(config, registry)
     handlers = Handlers(registry, StopSignals(), gpu or (lambda fn: fn), access=config.access_policy())
+    train = TrainTab(jobs, registry, config.access_policy()) if jobs is not None else None
     # PolicedBlocks: its server forbids images from other origins (ui.inert).
     with PolicedBlocks(title="Chat assistant") as demo:
-        ui = _layout(registry, handlers, defaults or GenerationParams())
+        with gr.Tabs(selected=CHAT_TAB, elem_id="tabs") as tabs:
+            with gr.Tab("Chat", id=CHAT_TAB, elem_id="chat-tab"):
+                ui = _layout(registry, handlers, defaults or GenerationParams())
+            if train is not None:
+                with gr.Tab("Train", id=TRAIN_TAB, elem_id="train-tab"):
+                    train.layout()
         _wire(demo, ui, handlers)
+        if train is not None:
+            train.wire(demo, tabs, CHAT_TAB, ui.choice, ui.compare, ui.chatbot, ui.base)
         gr.api(handlers.api_chat, api_name="chat", api_description=Handlers.api_chat.__doc__)
     # Up to a batch of requests run at once (the runtime generates requests that arrive together in one
     # batch); the others wait in the queue, which shows their position, and beyond max_size are turned away.
     demo.queue(max_size=config.max_queue, default_concurrency_limit=MAX_BATCH)
     demo.registry = registry  # the caller may warm a model or inspect what is loaded
+    demo.jobs = jobs  # the fine-tuning jobs (None: no training here); the caller closes it on shutdown
     return demo
+
+
+def job_runner(config: ChatConfig, registry=None, *, extra_args: list[str] | None = None) -> JobRunner | None:
+    """The fine-tuning job runner over config's jobs and adapters folders, shared by the Train tab and
+    /v1/fine_tuning; None with --backend-url (no models here), --no-training, or when another server
+    runs the jobs of that folder. `extra_args` go to every train.sft run (e.g. faster probes in tests)."""
+    if config.backend_url or config.no_training:
+        return None
+    from serve.files import FileStore
+    from serve.jobs import JobError, JobRunner
+
+    rescan = getattr(registry, "rescan", None)  # a published adapter is listed before the job reads succeeded
+    root = Path(config.jobs_dir)
+    try:
+        runner = JobRunner(root, config.adapters_dir, FileStore(root / "files"), base_model=config.base_model,
+                           extra_args=extra_args, on_published=(lambda name: rescan()) if rescan else None)
+    except JobError as taken:  # another server runs the jobs of this folder
+        logger.warning("fine-tuning is off: %s; start this app with its own --jobs-dir", taken)
+        return None
+    atexit.register(runner.close)  # a job still training is paused (resumable), not left running unseen
+    return runner
 
 
 def make_registry(config: ChatConfig):
@@ -75,9 +114,28 @@ def make_registry(config: ChatConfig):
 
 
 def mount_openai_api(demo: gr.Blocks, config: ChatConfig) -> None:
-    """Serve /v1/chat/completions and /v1/models from the running app (in-process models only)."""
-    if isinstance(demo.registry, ModelRegistry):  # type: ignore[attr-defined]
-        demo.app.include_router(openai_server(demo, config).router)
+    """Serve /v1/chat/completions, /v1/models and the fine-tuning API (/v1/files, /v1/fine_tuning) from the
+    running app (in-process models only)."""
+    if not isinstance(demo.registry, ModelRegistry):  # type: ignore[attr-defined]
+        return
+    demo.app.include_router(openai_server(demo, config).router)
+    from serve.fine_tuning_api import FineTuningServer, training_off_router
+
+    jobs = getattr(demo, "jobs", None)
+    if jobs is None:
+        reason = ("Fine-tuning is turned off on this server (it was started with --no-training); start it "
+                  "without --no-training to train." if config.no_training else
+                  f"Fine-tuning is unavailable on this server: another server process runs the jobs of "
+                  f"{config.jobs_dir}; start this one with its own --jobs-dir.")
+        demo.app.include_router(training_off_router(reason))
+        return
+    demo.app.include_router(FineTuningServer(
+        jobs,
+        config.access_policy(),
+        session_user=lambda request: gradio_user(demo.app, request),
+        max_body_bytes=config.max_request_kb * 1024,
+        max_upload_bytes=int(config.max_upload_mb * 1024 * 1024),
+    ).router)
 
 
 def openai_server(demo: gr.Blocks, config: ChatConfig) -> OpenAIServer:

@@ -77,6 +77,18 @@ class ChatConfig:
         metadata={"help": "File holding the API key for --backend-url; unset, $ASSISTANT_BACKEND_KEY if set."},
     )
     max_queue: int = field(default=32, metadata={"help": "Requests that may wait in the queue before refusal."})
+    jobs_dir: str = field(
+        default="jobs",
+        metadata={"help": "Folder of the fine-tuning jobs and their uploaded files (the Train tab); one app per folder."},
+    )
+    no_training: bool = field(
+        default=False,
+        metadata={"help": "Offer no training, e.g. on a public Space: no Train tab, and /v1/files and "
+                          "/v1/fine_tuning answer 403."},
+    )
+    max_upload_mb: float = field(
+        default=50, metadata={"help": "Largest training file POST /v1/files accepts, in MB (413 above)."}
+    )
 
     def openai_key(self) -> str | None:
         """The API key from --api-key-file or $ASSISTANT_API_KEY."""

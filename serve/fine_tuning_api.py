@@ -1,0 +1,483 @@
+"""OpenAI-compatible fine-tuning API (`/v1/files`, `/v1/fine_tuning/jobs`), served beside `/v1/chat/completions`.
+
+The shapes are OpenAI's, so the `openai` SDK drives it unchanged:
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:7860/v1", api_key="KEY or anything on this machine")
+    file = client.files.create(file=open("data.jsonl", "rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="base", training_file=file.id,
+                                         extra_body={"adapter": {"type": "lora", "max_steps": 60}})
+
+`model` is "base" (the app's base model) or a base model name as train.sft's --base-model takes it.
+Our own options go in an `adapter` object (OpenAI has no field for them):
+`type` "lora" | "prefix", `time_budget_minutes` (0: none), `max_steps`, `system_prompt` (for rows without
+one). `hyperparameters` (or `method.supervised.hyperparameters`): `n_epochs`, `batch_size`,
+`learning_rate_multiplier` (times the method's default learning rate), each a number or "auto".
+
+Jobs run in serve.jobs.JobRunner: train.sft as a separate process, one at a time, the dataset doctor first.
+A succeeded job's `fine_tuned_model` is an adapter name that `/v1/chat/completions` takes as `model` at once.
+Who may call: serve.access's rule, as for the rest of /v1 (training costs minutes of CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+from starlette.concurrency import run_in_threadpool
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from serve.access import AccessPolicy
+from serve.files import FileError
+from serve.jobs import ACTIVE, Job, JobError, JobRunner
+from serve.openai_api import MAX_BODY_BYTES, APIError, authorize
+from serve.openai_schema import describe
+
+logger = logging.getLogger(__name__)
+
+MAX_UPLOAD_BYTES = 50 * 1024 * 1024  # default upload limit (ChatConfig.max_upload_mb)
+PAGE_LIMITS = {"jobs": (20, 100), "events": (20, 100), "checkpoints": (10, 100), "files": (10_000, 10_000)}
+NEEDS_FILES = (*ACTIVE, "paused")  # jobs that still read their files (a paused one reads them on resume)
+
+
+# -- request bodies --------------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+def _auto_or_positive(value: object, maximum: float, whole: bool = False) -> object:
+    """OpenAI's hyperparameter values: "auto" (the trainer's default) or a number in (0, maximum]."""
+    kind = "a whole number" if whole else "a number"
+    number = isinstance(value, int | float) and not isinstance(value, bool) and (isinstance(value, int) or not whole)
+    if value is None or value == "auto":
+        return value
+    if not number or not 0 < value <= maximum:
+        raise PydanticCustomError("auto_or_number", "must be 'auto' or {kind} above 0 and at most {maximum}, not "
+                                  "{value}", {"kind": kind, "maximum": maximum, "value": repr(value)})
+    return value
+
+
+class Hyperparameters(_Strict):
+    """OpenAI's supervised hyperparameters; "auto" leaves train.sft's default."""
+
+    n_epochs: str | float | None = None  # a fraction of an epoch is fine for train.sft
+    batch_size: str | int | None = None
+    learning_rate_multiplier: str | float | None = None
+
+    @field_validator("n_epochs", mode="before")
+    @classmethod
+    def _epochs(cls, value):
+        return _auto_or_positive(value, 100)
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch(cls, value):
+        return _auto_or_positive(value, 1024, whole=True)
+
+    @field_validator("learning_rate_multiplier", mode="before")
+    @classmethod
+    def _lr(cls, value):
+        return _auto_or_positive(value, 100)
+
+    def options(self) -> dict:
+        """JobRunner options ("auto" and null: the default)."""
+        values = {"n_epochs": self.n_epochs, "batch_size": self.batch_size,
+                  "learning_rate_multiplier": self.learning_rate_multiplier}
+        return {k: v for k, v in values.items() if v is not None and v != "auto"}
+
+
+class Supervised(_Strict):
+    """`method.supervised`."""
+
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(_Strict):
+    """`method`: only supervised fine-tuning is trained here."""
+
+    type: str = "supervised"
+    supervised: Supervised | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _supervised_only(cls, value: str) -> str:
+        if value != "supervised":
+            raise PydanticCustomError("unsupported", "only 'supervised' fine-tuning is supported here, not {kind}",
+                                      {"kind": repr(value)})
+        return value
+
+
+class AdapterOptions(_Strict):
+    """Our extras: the adapter method, a time budget, a step cap and the system prompt for rows without one."""
+
+    type: Literal["lora", "prefix"] = "lora"
+    time_budget_minutes: float | None = Field(None, ge=0, le=7 * 24 * 60)
+    max_steps: int | None = Field(None, ge=1)
+    system_prompt: str | None = Field(None, max_length=20_000)
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _text_not_file(cls, value: str | None) -> str | None:
+        # train.sft reads "@FILE" from the server's disk; over the API that would train a file of the
+        # server's (and serve it as the adapter's prompt), so only text is taken.
+        if value and value.startswith("@"):
+            raise PydanticCustomError("file_prompt", "must be the prompt's text; '@FILE' (a file on the server) "
+                                      "is not accepted over the API")
+        return value
+
+
+class JobRequest(_Strict):
+    """A `POST /v1/fine_tuning/jobs` body."""
+
+    model: str = Field(min_length=1)
+    training_file: str = Field(min_length=1)
+    validation_file: str | None = None
+    suffix: str | None = Field(None, max_length=64)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    adapter: AdapterOptions | None = None
+
+    def options(self) -> dict:
+        """Keyword options of JobRunner.create (nulls left to the Job's defaults); APIError if contradictory."""
+        inner = self.method.supervised.hyperparameters if self.method and self.method.supervised else None
+        if inner is not None and self.hyperparameters is not None:
+            raise APIError(400, "Give hyperparameters either at the top level or in "
+                                "method.supervised.hyperparameters, not both.", param="hyperparameters")
+        hyper = inner or self.hyperparameters
+        adapter = self.adapter or AdapterOptions()
+        options = {
+            "model": self.model, "validation_file": self.validation_file, "suffix": self.suffix, "seed": self.seed,
+            "method": adapter.type, "time_budget_minutes": adapter.time_budget_minutes,
+            "max_steps": adapter.max_steps, "system_prompt": adapter.system_prompt,
+            **(hyper.options() if hyper else {}),
+        }
+        return {k: v for k, v in options.items() if v is not None}
+
+
+_FIELDS = frozenset(
+    name for model in (JobRequest, Hyperparameters, Method, Supervised, AdapterOptions) for name in model.model_fields
+)
+
+
+# -- objects ---------------------------------------------------------------------------------------------
+def event_object(event_id: str, line: dict) -> dict:
+    """One line of a job's events (runner status or train.sft --events-file) as a fine_tuning.job.event."""
+    kind, level, data, type_ = line.get("event"), line.get("level", "info"), {}, "message"
+    if kind == "metrics":
+        type_ = "metrics"
+        data = {"step": line.get("step"), "total_steps": line.get("max_steps")}
+        data |= {k: line[k] for k in ("train_loss", "eval_loss", "learning_rate", "epoch", "tokens_per_s",
+                                      "steps_per_s", "eta_s") if line.get(k) is not None}
+        if "eval_loss" in data:  # OpenAI's name for it, which its dashboards read
+            data["valid_loss"] = data["eval_loss"]
+        message = metrics_message(line)
+    elif kind == "checkpoint":
+        data = {k: line[k] for k in ("step", "train_loss", "eval_loss") if line.get(k) is not None}
+        message = f"Checkpoint saved at step {line.get('step')}"
+    elif kind == "phase":
+        data = {"phase": line.get("phase")}
+        text = str(line.get("message") or line.get("phase"))
+        message = text[:1].upper() + text[1:]
+    elif kind == "done":
+        message = f"Training finished: {line.get('summary')}"
+    elif kind == "error":
+        level, message = "error", f"Training failed: {line.get('message')}"
+    else:  # the runner's status lines
+        data = {"status": line["status"]} if "status" in line else {}
+        message = str(line.get("message", ""))
+    return {"object": "fine_tuning.job.event", "id": event_id, "created_at": int(line.get("time", 0)),
+            "level": level if level in ("info", "warn", "error") else "info", "message": message,
+            "data": data, "type": type_}
+
+
+def metrics_message(line: dict) -> str:
+    """OpenAI's wording: "Step 5/38: training loss=2.31" (or validation loss, or both)."""
+    losses = [f"{name} loss={line[key]:.4g}" for key, name in (("train_loss", "training"), ("eval_loss", "validation"))
+              if isinstance(line.get(key), int | float)]
+    total = f"/{line['max_steps']}" if line.get("max_steps") else ""
+    return f"Step {line.get('step')}{total}: " + (", ".join(losses) or "no loss logged")
+
+
+def checkpoint_object(job: Job, mark: dict) -> dict:
+    """A checkpoint line of train.sft as a fine_tuning.job.checkpoint."""
+    step = int(mark["step"])
+    metrics = {"step": step}
+    metrics |= {name: mark[key] for key, name in (("train_loss", "train_loss"), ("eval_loss", "valid_loss"))
+                if mark.get(key) is not None}
+    return {
+        "object": "fine_tuning.job.checkpoint",
+        "id": f"ftckpt-{job.id.removeprefix('ftjob-')}-{step}",
+        "created_at": int(mark.get("time", 0)),
+        # Named like OpenAI's checkpoint models; the app serves the finished adapter, not its checkpoints.
+        "fine_tuned_model_checkpoint": f"{job.output_name}:ckpt-step-{step}",
+        "step_number": step,
+        "metrics": metrics,
+        "fine_tuning_job_id": job.id,
+    }
+
+
+# -- the routes ------------------------------------------------------------------------------------------
+class FineTuningServer:
+    """`/v1/files` and `/v1/fine_tuning/jobs` over one JobRunner (its FileStore holds the uploads)."""
+
+    def __init__(
+        self,
+        jobs: JobRunner,
+        access: AccessPolicy | None = None,
+        *,
+        session_user: Callable[[Request], str | None] | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    ):
+        self.jobs, self.files = jobs, jobs.files
+        self.access, self.session_user = access or AccessPolicy(), session_user
+        self.max_body_bytes, self.max_upload_bytes = max_body_bytes, max_upload_bytes
+        self.router = APIRouter(prefix="/v1")
+        routes = [
+            ("/files", self.upload, "POST"), ("/files", self.list_files, "GET"),
+            ("/files/{file_id}", self.get_file, "GET"), ("/files/{file_id}", self.delete_file, "DELETE"),
+            ("/fine_tuning/jobs", self.create_job, "POST"), ("/fine_tuning/jobs", self.list_jobs, "GET"),
+            ("/fine_tuning/jobs/{job_id}", self.get_job, "GET"),
+            ("/fine_tuning/jobs/{job_id}/cancel", self.cancel_job, "POST"),
+            ("/fine_tuning/jobs/{job_id}/pause", self.pause_job, "POST"),
+            ("/fine_tuning/jobs/{job_id}/resume", self.resume_job, "POST"),
+            ("/fine_tuning/jobs/{job_id}/events", self.job_events, "GET"),
+            ("/fine_tuning/jobs/{job_id}/checkpoints", self.job_checkpoints, "GET"),
+        ]
+        for path, endpoint, method in routes:
+            self.router.add_api_route(path, _answering_errors(endpoint), methods=[method])
+
+    # -- files -----------------------------------------------------------------------------------------
+    async def upload(self, request: Request):
+        """POST /v1/files (multipart: file, purpose)."""
+        self._authorize(request)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise APIError(400, "Upload the file as multipart/form-data with the fields 'file' and 'purpose' "
+                                "(e.g. client.files.create(file=open('data.jsonl', 'rb'), purpose='fine-tune')).",
+                           param="file")
+        self._refuse_declared_size(request, self.max_upload_bytes, self._upload_too_large)
+        parser = MultiPartParser(request.headers, self._limited(request, self.max_upload_bytes, self._upload_too_large),
+                                 max_files=1, max_fields=8)
+        try:
+            form = await parser.parse()
+        except MultiPartException as error:
+            raise APIError(400, f"The multipart body could not be read: {error}", param="file") from None
+        try:
+            upload, purpose = form.get("file"), form.get("purpose")
+            if upload is None or isinstance(upload, str):
+                raise APIError(400, "Missing required parameter: 'file' (the training file, sent as a file part).",
+                               param="file", code="missing_required_parameter")
+            if not isinstance(purpose, str) or not purpose:
+                raise APIError(400, "Missing required parameter: 'purpose' (use 'fine-tune').", param="purpose",
+                               code="missing_required_parameter")
+            data = await upload.read()
+        finally:
+            await form.close()
+        item = await run_in_threadpool(_files_call, self.files.save, data, upload.filename or "upload.jsonl", purpose)
+        logger.info("stored %s (%s, %d bytes)", item.id, item.filename, item.bytes)
+        return item.to_dict()
+
+    async def list_files(self, request: Request):
+        """GET /v1/files (purpose, order, after, limit)."""
+        self._authorize(request)
+        items = [f.to_dict() for f in await run_in_threadpool(self.files.list)]
+        purpose = request.query_params.get("purpose")
+        if purpose:
+            items = [f for f in items if f["purpose"] == purpose]
+        order = request.query_params.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise APIError(400, f"Invalid 'order': {order!r}; use 'asc' or 'desc'.", param="order")
+        if order == "asc":
+            items.reverse()
+        return _page(items, request, "files")
+
+    async def get_file(self, request: Request, file_id: str):
+        """GET /v1/files/{file_id}."""
+        self._authorize(request)
+        return (await run_in_threadpool(_files_call, self.files.get, file_id)).to_dict()
+
+    async def delete_file(self, request: Request, file_id: str):
+        """DELETE /v1/files/{file_id}; refused while a job that has not finished still reads the file."""
+        self._authorize(request)
+
+        def delete() -> None:
+            with self.jobs.lock:  # no job may start using the file between the check and the removal
+                _files_call(self.files.get, file_id)
+                users = [j for j in self.jobs.list() if j.status in NEEDS_FILES
+                         and file_id in (j.training_file, j.validation_file)]
+                if users:
+                    raise APIError(409, f"File {file_id} is used by fine-tuning job {users[0].id} "
+                                        f"({users[0].status}); cancel that job first, then delete the file.",
+                                   param="file_id", code="file_in_use")
+                _files_call(self.files.delete, file_id)
+
+        await run_in_threadpool(delete)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    # -- jobs ------------------------------------------------------------------------------------------
+    async def create_job(self, request: Request):
+        """POST /v1/fine_tuning/jobs."""
+        self._authorize(request)
+        body = await self._read_body(request)
+        try:
+            req = JobRequest.model_validate_json(body)
+        except ValidationError as error:
+            param, message, code = describe(error, _FIELDS)
+            raise APIError(400, message, param=param, code=code) from None
+        job = await run_in_threadpool(_jobs_call, self.jobs.create, req.training_file, **req.options())
+        logger.info("created %s on %s (%s)", job.id, job.training_file, job.method)
+        return job.to_openai()
+
+    async def list_jobs(self, request: Request):
+        """GET /v1/fine_tuning/jobs (after, limit), newest first."""
+        self._authorize(request)
+        return _page([j.to_openai() for j in await run_in_threadpool(self.jobs.list)], request, "jobs")
+
+    async def get_job(self, request: Request, job_id: str):
+        """GET /v1/fine_tuning/jobs/{job_id}."""
+        self._authorize(request)
+        return (await run_in_threadpool(_jobs_call, self.jobs.get, job_id)).to_openai()
+
+    async def cancel_job(self, request: Request, job_id: str):
+        """POST /v1/fine_tuning/jobs/{job_id}/cancel."""
+        self._authorize(request)
+        return (await run_in_threadpool(_jobs_call, self.jobs.cancel, job_id)).to_openai()
+
+    async def pause_job(self, request: Request, job_id: str):
+        """POST /v1/fine_tuning/jobs/{job_id}/pause: stop it, keeping its checkpoints to resume from."""
+        self._authorize(request)
+        return (await run_in_threadpool(_jobs_call, self.jobs.pause, job_id)).to_openai()
+
+    async def resume_job(self, request: Request, job_id: str):
+        """POST /v1/fine_tuning/jobs/{job_id}/resume: continue a paused job from its last checkpoint."""
+        self._authorize(request)
+        return (await run_in_threadpool(_jobs_call, self.jobs.resume, job_id)).to_openai()
+
+    async def job_events(self, request: Request, job_id: str):
+        """GET /v1/fine_tuning/jobs/{job_id}/events (after, limit), newest first."""
+        self._authorize(request)
+        lines = await run_in_threadpool(_jobs_call, self.jobs.events, job_id)
+        tag = job_id.removeprefix("ftjob-")
+        counts = {"runner": 0, "train": 0}
+        events = []
+        for line in lines:  # ids count each file's lines: the files only grow, so an id never changes
+            source = line.get("source", "runner")
+            counts[source] = counts.get(source, 0) + 1
+            events.append(event_object(f"ftevent-{tag}-{source[0]}{counts[source]}", line))
+        return _page(events[::-1], request, "events")
+
+    async def job_checkpoints(self, request: Request, job_id: str):
+        """GET /v1/fine_tuning/jobs/{job_id}/checkpoints (after, limit), newest first."""
+        self._authorize(request)
+
+        def checkpoints() -> list[dict]:
+            job = _jobs_call(self.jobs.get, job_id)
+            return [checkpoint_object(job, mark) for mark in self.jobs.checkpoints(job_id)]
+
+        return _page(await run_in_threadpool(checkpoints), request, "checkpoints")
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        authorize(request, self.access, self.session_user)
+
+    async def _read_body(self, request: Request) -> bytes:
+        self._refuse_declared_size(request, self.max_body_bytes, self._body_too_large)
+        chunks = [c async for c in self._limited(request, self.max_body_bytes, self._body_too_large)]
+        return b"".join(chunks)
+
+    @staticmethod
+    def _refuse_declared_size(request: Request, limit: int, error: Callable[[], APIError]) -> None:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise error()  # before reading any of it
+
+    @staticmethod
+    async def _limited(request: Request, limit: int, error: Callable[[], APIError]) -> AsyncIterator[bytes]:
+        size = 0
+        async for chunk in request.stream():  # a chunked body has no Content-Length: count as it comes
+            size += len(chunk)
+            if size > limit:
+                raise error()
+            yield chunk
+
+    def _upload_too_large(self) -> APIError:
+        return APIError(413, f"The upload exceeds this server's limit of {_megabytes(self.max_upload_bytes)} MB "
+                             "(the server's --max-upload-mb); split the file or raise the limit.",
+                        param="file", code="file_too_large")
+
+    def _body_too_large(self) -> APIError:
+        return APIError(413, f"The request body exceeds this server's limit of {self.max_body_bytes // 1024} KB "
+                             "(the server's --max-request-kb).", code="request_too_large")
+
+
+def training_off_router(reason: str) -> APIRouter:
+    """Routes that answer every /v1/files and /v1/fine_tuning request with 403 and `reason`."""
+    router = APIRouter(prefix="/v1")
+
+    async def off(request: Request):
+        return APIError(403, reason, code="training_disabled").response()
+
+    for path in ("/files", "/files/{rest:path}", "/fine_tuning/{rest:path}"):
+        router.add_api_route(path, off, methods=["GET", "POST", "DELETE"])
+    return router
+
+
+def _answering_errors(endpoint: Callable) -> Callable:
+    """The endpoint with APIError answered as OpenAI's error object (FastAPI keeps its signature)."""
+
+    @functools.wraps(endpoint)
+    async def answer(*args, **kwargs):
+        try:
+            return await endpoint(*args, **kwargs)
+        except APIError as error:
+            return error.response()
+
+    return answer
+
+
+def _files_call(fn: Callable, *args):
+    try:
+        return fn(*args)
+    except FileError as error:
+        raise APIError(error.status, str(error), param=error.param,
+                       code="file_not_found" if error.status == 404 else None) from None
+
+
+def _jobs_call(fn: Callable, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except JobError as error:
+        raise APIError(error.status, str(error), param=error.param, code=error.code) from None
+
+
+def _page(items: list[dict], request: Request, kind: str) -> dict:
+    """OpenAI's list object over `items` (already in order): `after` an id of the list, `limit` how many."""
+    default, most = PAGE_LIMITS[kind]
+    raw = request.query_params.get("limit")
+    try:
+        limit = default if raw is None else int(raw)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= most:
+        raise APIError(400, f"Invalid 'limit': {raw!r}; use a whole number from 1 to {most}.", param="limit",
+                       code="invalid_value")
+    after = request.query_params.get("after")
+    if after:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise APIError(400, f"Invalid 'after': no {kind[:-1]} with id {after!r} in this list; pass the id of "
+                                "the last item of the previous page.", param="after", code="invalid_value")
+        items = items[ids.index(after) + 1:]
+    page = items[:limit]
+    return {"object": "list", "data": page, "has_more": len(items) > limit,
+            "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None}
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1024 / 1024:g}"
