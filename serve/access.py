@@ -91,6 +91,12 @@ class AccessPolicy:
                                 f"{SET_A_KEY}.", "api_key_required")
         return None
 
+    def check_request(self, request) -> Refusal | None:
+        """check() for a Gradio request: its client's address, its headers and its logged-in username."""
+        client = getattr(request, "client", None)
+        headers = dict(getattr(request, "headers", None) or {})
+        return self.check(getattr(client, "host", None), headers, getattr(request, "username", None))
+
     def not_local(self, peer: str | None, headers: Mapping[str, str]) -> str | None:
         """Why a keyless caller does not count as local (None when it does)."""
         headers = {k.lower(): v for k, v in headers.items()}

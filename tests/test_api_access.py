@@ -192,3 +192,23 @@ def test_the_served_chat_endpoint_refuses_a_relayed_caller(monkeypatch):
             relayed.predict("Hi", api_name="/chat")
     finally:
         demo.close()
+
+
+def test_the_train_tab_follows_the_same_rule(tmp_path):
+    """Training costs minutes of CPU: the Train tab refuses a stranger before storing or creating anything."""
+    from serve.files import FileStore
+    from serve.jobs import JobRunner
+    from ui.train_tab import TrainTab
+
+    files = FileStore(tmp_path / "jobs" / "files")
+    runner = JobRunner(tmp_path / "jobs", tmp_path / "adapters", files, start=False)
+    try:
+        tab = TrainTab(runner, FakeRegistry(), AccessPolicy())
+        chosen = {"ok": True, "path": str(tmp_path / "x.jsonl"), "name": "x.jsonl"}
+        for action in (lambda r: tab.start(chosen, "lora", 0, None, None, None, 2, "", 42, "", r),
+                       lambda r: tab.stop("ftjob-" + "0" * 24, r), lambda r: tab.resume("ftjob-" + "0" * 24, r)):
+            with pytest.raises(gr.Error, match="only callers on this machine"):
+                action(chat_request(STRANGER))
+        assert not files.list() and not runner.list()
+    finally:
+        runner.close()

@@ -170,14 +170,9 @@ class Handlers:
 
     def _admit(self, request: gr.Request | None) -> None:
         """Refuse an API caller that the access rule keeps out (the same rule as /v1)."""
-        if self.access is None:
-            return
-        client = getattr(request, "client", None)
-        peer = getattr(client, "host", None)
-        headers = dict(getattr(request, "headers", None) or {})
-        refusal = self.access.check(peer, headers, getattr(request, "username", None))
+        refusal = self.access.check_request(request) if self.access else None
         if refusal:
-            logger.info("refused /chat from %s: %s", peer, refusal.code)
+            logger.info("refused /chat: %s", refusal.code)
             raise gr.Error(refusal.message)
 
     def _api_reply(self, message: str, history: list[dict] | None, system_prompt: str | None, adapter: str,

@@ -311,14 +311,9 @@ class TrainTab:
 
     def _admit(self, request: gr.Request | None) -> None:
         """Training costs minutes of CPU: a logged-in user or a caller on this machine (the API's rule)."""
-        if self.access is None:
-            return
-        client = getattr(request, "client", None)
-        peer = getattr(client, "host", None)
-        headers = dict(getattr(request, "headers", None) or {})
-        refusal = self.access.check(peer, headers, getattr(request, "username", None))
+        refusal = self.access.check_request(request) if self.access else None
         if refusal:
-            logger.info("refused a Train tab action from %s: %s", peer, refusal.code)
+            logger.info("refused a Train tab action: %s", refusal.code)
             raise gr.Error(refusal.message)
 
 
