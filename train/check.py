@@ -72,25 +72,30 @@ def report(
     return lines
 
 
+def diagnose(config: CheckConfig, tokenizer=None) -> tuple[bool, list[str]]:
+    """(trainable, the doctor's report lines) for `config.data`; problems are lines starting with "error: "."""
+    try:
+        loaded = load_examples(config.data)
+        tokenizer = tokenizer or load_tokenizer(config.base_model)
+        system = read_system_prompt(config.system_prompt)
+        prompt = trained_prompt_of(tokenizer, loaded.examples, system)
+        features = encode_examples(tokenizer, with_system_prompt(loaded.examples, system), config.max_length)
+    except (DataError, TemplateError, OSError, UnicodeError) as error:
+        return False, [f"error: {error}"]
+    lines = report(config, features, loaded.formats, loaded.warnings, tokenizer, prompt)
+    if not features.items:
+        return False, [*lines, "error: no example can be trained on"]
+    return True, [*lines, "ok: ready to train"]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns 0 when the file can be trained on."""
     argv = sys.argv[1:] if argv is None else argv
     config = parse_with_positional(CheckConfig, argv, "data", "python -m train.check FILE [--base-model M]")
-    try:
-        loaded = load_examples(config.data)
-        tokenizer = load_tokenizer(config.base_model)
-        system = read_system_prompt(config.system_prompt)
-        prompt = trained_prompt_of(tokenizer, loaded.examples, system)
-        features = encode_examples(tokenizer, with_system_prompt(loaded.examples, system), config.max_length)
-    except (DataError, TemplateError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print("\n".join(report(config, features, loaded.formats, loaded.warnings, tokenizer, prompt)))
-    if not features.items:
-        print("error: no example can be trained on", file=sys.stderr)
-        return 1
-    print("ok: ready to train")
-    return 0
+    ok, lines = diagnose(config)
+    for line in lines:  # the report on stdout, its problems on stderr
+        print(line, file=sys.stderr if line.startswith("error: ") else sys.stdout)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -150,23 +150,10 @@ class TrainTab:
 
     def doctor(self, path: Path, name: str) -> tuple[bool, str]:
         """(trainable, report): train.check's report on `path`, naming it `name` as the user knows it."""
-        from assistant.chat_format import TemplateError
-        from train.check import CheckConfig, report
-        from train.features import encode_examples, trained_prompt_of, with_system_prompt
-        from train.records import DataError, load_examples
+        from train.check import CheckConfig, diagnose
 
-        config = CheckConfig(data=name, base_model=self.base_model)
-        try:
-            loaded = load_examples(str(path))
-            tokenizer = self._tokenizer(config.base_model)
-            prompt = trained_prompt_of(tokenizer, loaded.examples, None)
-            rows = with_system_prompt(loaded.examples, None)
-            features = encode_examples(tokenizer, rows, config.max_length)
-        except (DataError, TemplateError, OSError, UnicodeError) as error:
-            return False, "error: " + str(error).replace(str(path), name)
-        lines = report(config, features, loaded.formats, loaded.warnings, tokenizer, prompt)
-        ok = bool(features.items)
-        lines.append("ok: ready to train" if ok else "error: no example can be trained on")
+        config = CheckConfig(data=str(path), base_model=self.base_model)
+        ok, lines = diagnose(config, self._tokenizer(config.base_model))
         return ok, "\n".join(lines).replace(str(path), name)
 
     @property
