@@ -128,11 +128,6 @@ class Host:
             return self.base, contextlib.nullcontext(), {}
         return self.lora, contextlib.nullcontext(), {"adapter_names": [a or BASE_ROW for a in adapters]}
 
-    def describe(self) -> str:
-        """e.g. 'embedded (cpu, int4 weights, bf16 compute)'."""
-        return f"{self.name} ({self.precision.describe()})"
-
-
 @dataclass
 class ChatModel:
     """One servable choice: a base model (its Host), an adapter on it or none, and the tokenizer to serve with."""

@@ -145,7 +145,7 @@ def test_a_failed_load_is_remembered_until_the_folder_changes(tmp_path, lora_ada
     assert complete_reply(registry.get("good"), HELLO, GREEDY), "every other adapter keeps working"
     time.sleep(0.01)
     shutil.copy(lora_adapter / "adapter_model.safetensors", tmp_path / "corrupt")  # fixed on disk
-    registry._scan(force=True)
+    registry.rescan()
     assert "corrupt" in registry.choices
     assert registry.get("corrupt").adapter == str(tmp_path / "corrupt")
 
