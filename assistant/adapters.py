@@ -29,14 +29,47 @@ def adapter_info(adapter: str | Path) -> dict:
 
 
 def adapter_base(folder: str | Path) -> str | None:
-    """The base model an adapter folder was trained on ('embedded' for the embedded model's folder)."""
-    from assistant.embedded import EMBEDDED, is_embedded
+    """The base model an adapter folder was trained on ('embedded' for the embedded model).
+
+    adapter_config.json names the embedded model by its Hub twin so that peft, vLLM and the Hub resolve
+    it; the adapter was trained on the embedded copy (its training report says so), so that copy is
+    what it is served on. An adapter from elsewhere on the Hub twin gets the embedded copy only where the
+    Hub's own copy is not at hand (offline, not cached).
+    """
+    from assistant.embedded import EMBEDDED, EMBEDDED_HUB_ID, is_embedded
 
     try:
         base = adapter_info(folder).get("base_model_name_or_path")
     except (OSError, ValueError, AttributeError):  # not an adapter, or a broken config (adapter_problem says)
         return None
-    return EMBEDDED if is_embedded(base) else base
+    if is_embedded(base):  # older adapters named the embedded model itself
+        return EMBEDDED
+    if base == EMBEDDED_HUB_ID and (is_embedded(_report(folder).get("base_model")) or _embedded_stands_in()):
+        return EMBEDDED
+    return base
+
+
+def _report(folder: str | Path) -> dict:
+    try:
+        report = json.loads((Path(folder) / REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def _embedded_stands_in() -> bool:
+    """True when the Hub twin is not cached here but the embedded copy is installed."""
+    import importlib.util
+
+    from huggingface_hub import try_to_load_from_cache
+
+    from assistant.embedded import EMBEDDED_HUB_ID, GGUF_PACKAGE
+
+    cached = isinstance(try_to_load_from_cache(EMBEDDED_HUB_ID, "config.json"), str)
+    if not cached and importlib.util.find_spec(GGUF_PACKAGE) is not None:
+        logger.debug("%s is not cached here: serving the adapter on the embedded copy of it", EMBEDDED_HUB_ID)
+        return True
+    return False
 
 
 def method_of(info: dict) -> str:

@@ -356,7 +356,12 @@ def _budgeted(kwargs: dict, batch: list[Request]) -> dict:
 
 def stop_ids(model, tokenizer) -> frozenset[int]:
     """End-of-turn tokens: the model's generation config's and the tokenizer's."""
-    eos = model.generation_config.eos_token_id
+    return end_of_turn_ids(model.generation_config, tokenizer)
+
+
+def end_of_turn_ids(generation_config, tokenizer) -> frozenset[int]:
+    """End-of-turn tokens from a generation config and a tokenizer (what every reply stops at)."""
+    eos = generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     return frozenset(t for t in [*eos, tokenizer.eos_token_id] if t is not None)
 

@@ -58,6 +58,11 @@ def is_embedded(name: str | None) -> bool:
     return name == EMBEDDED or (name is not None and Path(name).name == _cache_dir().name)
 
 
+def public_name(base: str) -> str:
+    """The name other tools resolve for `base`: the Hub twin for the embedded model, else `base` itself."""
+    return EMBEDDED_HUB_ID if is_embedded(base) else base
+
+
 def _cache_dir() -> Path:
     return cache_root() / "smollm2-135m-instruct-q4_1"
 

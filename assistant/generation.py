@@ -85,17 +85,10 @@ def stream_reply(
         logger.info("history trimmed: %d oldest messages left out to fit the context window", dropped)
         if on_trim:
             on_trim(dropped)
-    engine = engine_for(chat.host)
-    request = engine.submit(
-        Request(ids, params, cancel, adapter=chat.adapter_name if use_adapter else None,
-                group=chat.group if use_adapter else MAIN, stop_ids=stop_ids(chat.model, chat.tokenizer))
-    )
     tokens: list[int] = []
     shown, shown_at = "", 0.0
     try:
-        while (token := _next_token(engine, request)) is not END:
-            if isinstance(token, BaseException):
-                raise RuntimeError(f"generation failed: {token}") from token
+        for token in reply_tokens(chat, ids, params, cancel=cancel, use_adapter=use_adapter):
             tokens.append(token)
             # Each update costs the server (UI diff, HTTP chunk) CPU that decoding needs: at most one
             # per UPDATE_INTERVAL_S; tokens arriving faster are shown together.
@@ -106,6 +99,30 @@ def stream_reply(
             yield text
     finally:
         # Reached on normal end, on Stop and when the consumer goes away (generator closed).
+        cancel.set()
+
+
+def reply_tokens(
+    chat: ChatModel,
+    ids: list[int],
+    params: GenerationParams,
+    *,
+    cancel: threading.Event | None = None,
+    use_adapter: bool = True,
+) -> Iterator[int]:
+    """Token ids of the reply to prompt `ids` from the batch engine, without the end-of-turn token."""
+    cancel = cancel or threading.Event()
+    engine = engine_for(chat.host)
+    request = engine.submit(
+        Request(ids, params, cancel, adapter=chat.adapter_name if use_adapter else None,
+                group=chat.group if use_adapter else MAIN, stop_ids=stop_ids(chat.model, chat.tokenizer))
+    )
+    try:
+        while (token := _next_token(engine, request)) is not END:
+            if isinstance(token, BaseException):
+                raise RuntimeError(f"generation failed: {token}") from token
+            yield token
+    finally:
         cancel.set()
 
 

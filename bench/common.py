@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
-LLAMACPP_VENV = Path(__file__).resolve().parent / ".venv-llamacpp"
 
 T = TypeVar("T")
 

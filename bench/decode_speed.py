@@ -10,8 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -20,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import (
-    LLAMACPP_VENV,
     RESULTS,
     ROOT,
     bar_chart,
@@ -37,7 +34,6 @@ from bench.common import (
 )
 
 NAME = "decode_speed"
-LLAMACPP_VERSION = "0.3.36"
 PROMPT = "Write a short story about a robot who learns to paint, in about two hundred words."
 
 
@@ -55,8 +51,8 @@ class DecodeSpeedConfig:
     build_llamacpp: bool = field(
         default=True,
         metadata={
-            "help": f"Build llama-cpp-python=={LLAMACPP_VERSION} into bench/.venv-llamacpp when it is "
-            "missing (minutes: it compiles from source)."
+            "help": "Build llama-cpp-python from source (train.llamacpp: the same build train.export --verify "
+            "uses) when it is missing (minutes)."
         },
     )
     build_timeout: float = field(default=3600.0, metadata={"help": "Seconds the llama.cpp build may take."})
@@ -237,40 +233,18 @@ def copy_bandwidth_gbs(megabytes: int, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
-def llamacpp_python() -> Path:
-    """The benchmark venv's interpreter."""
-    return LLAMACPP_VENV / "bin" / "python"
+def ensure_llamacpp(config: DecodeSpeedConfig) -> tuple[str | None, str | None]:
+    """(interpreter that imports llama_cpp, None), building it if allowed; else (None, why not)."""
+    from train.llamacpp import LlamaCppUnavailable, ensure_python, find_python, venv_dir
 
-
-def ensure_llamacpp(config: DecodeSpeedConfig) -> str | None:
-    """None when bench/.venv-llamacpp can import llama_cpp (building it if allowed), else why not."""
-    python = llamacpp_python()
-    if python.exists() and _imports_llamacpp(python):
-        return None
-    if not config.build_llamacpp:
-        return f"{LLAMACPP_VENV} has no llama_cpp and building was not requested (--quick or --build-llamacpp false)"
-    log(f"building llama-cpp-python=={LLAMACPP_VERSION} into {LLAMACPP_VENV} (compiles from source, minutes)")
+    found = find_python()
+    if found or not config.build_llamacpp:
+        return found, None if found else f"{venv_dir()} has no llama_cpp and building was not requested"
+    log(f"building llama-cpp-python into {venv_dir()} (compiles from source, minutes)")
     try:
-        if not python.exists():
-            subprocess.run([sys.executable, "-m", "venv", str(LLAMACPP_VENV)], check=True, timeout=300)
-        build = subprocess.run(
-            [str(python), "-m", "pip", "install", f"llama-cpp-python=={LLAMACPP_VERSION}"],
-            env={**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON"},
-            capture_output=True,
-            text=True,
-            timeout=config.build_timeout,
-        )
-    except (OSError, subprocess.SubprocessError) as error:
-        return f"llama-cpp-python build failed: {error}"
-    if build.returncode != 0 or not _imports_llamacpp(python):
-        tail = "\n".join((build.stderr or build.stdout).strip().splitlines()[-5:])
-        return f"llama-cpp-python build failed (exit {build.returncode}): {tail}"
-    return None
-
-
-def _imports_llamacpp(python: Path) -> bool:
-    check = subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True, timeout=120)
-    return check.returncode == 0
+        return ensure_python(config.build_timeout), None
+    except LlamaCppUnavailable as error:
+        return None, str(error)
 
 
 def bench_llamacpp(config: DecodeSpeedConfig, prompt_ids: list[int]) -> dict:
@@ -279,7 +253,7 @@ def bench_llamacpp(config: DecodeSpeedConfig, prompt_ids: list[int]) -> dict:
 
     if config.skip_llamacpp:
         return {"error": "skipped (--skip-llamacpp)"}
-    reason = ensure_llamacpp(config)
+    python, reason = ensure_llamacpp(config)
     if reason:
         return {"error": reason}
     gguf = gguf_path()
@@ -288,7 +262,7 @@ def bench_llamacpp(config: DecodeSpeedConfig, prompt_ids: list[int]) -> dict:
         ids_file.write_text(json.dumps(prompt_ids))
         run = run_measured(
             [
-                llamacpp_python(),
+                python,
                 ROOT / "bench" / "llamacpp_worker.py",
                 "--gguf",
                 gguf,

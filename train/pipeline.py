@@ -10,6 +10,7 @@ from pathlib import Path
 
 from assistant.adapters import TrainedPrompt, write_trained_prompt, written_by_trainer
 from assistant.chat_format import TemplateError
+from assistant.embedded import public_name
 from assistant.models import device, load_base_model, load_tokenizer, pick_precision
 from train.features import (
     Features,
@@ -315,7 +316,9 @@ def run(config) -> str:
     staging = config.checkpoint_dir / "adapter.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.peft_config["default"].base_model_name_or_path = config.base_model
+        # Named so peft, vLLM and the Hub resolve it (the embedded model by its Hub twin); adapter_base
+        # maps the twin back to the embedded copy this adapter was trained on.
+        model.peft_config["default"].base_model_name_or_path = public_name(config.base_model)
         # The embedding is frozen; "auto" would look the base model up on the Hub to decide.
         model.save_pretrained(staging, save_embedding_layers=False)
         tokenizer.save_pretrained(staging)

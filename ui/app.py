@@ -2,7 +2,9 @@
 
 Layout and wiring live here; the event functions are in ui.handlers, the turn logic in ui.chat and
 the per-browser Stop in ui.stopping. The chat is the "Chat" tab; a "Train" tab (ui.train_tab) fine-tunes
-adapters beside it wherever the app runs fine-tuning jobs (not with --backend-url or --no-training).
+adapters beside it wherever the app runs fine-tuning jobs (not with --backend-url or --no-training), and
+the chat's "Export this adapter" panel (ui.export_panel) zips the chosen adapter for Ollama, llama.cpp or
+transformers wherever the adapters are local (not with --backend-url).
 Histories are plain [{"role", "content"}] lists, kept in the browser's localStorage (gr.BrowserState)
 so a reload keeps them and two browsers never share one.
 
@@ -33,6 +35,7 @@ from assistant.batching import MAX_BATCH
 from assistant.generation import GenerationParams
 from serve.registry import ModelRegistry
 from ui.config import ChatConfig
+from ui.export_panel import ExportPanel
 from ui.handlers import EMPTY_STORE, Handlers, save, status_text, toggle_compare
 from ui.inert import SHOWN_AS_TEXT, PolicedBlocks
 from ui.prompts import CUSTOM_PROMPT
@@ -63,15 +66,19 @@ def build_app(
     jobs = jobs if jobs is not None else job_runner(config, registry)
     handlers = Handlers(registry, StopSignals(), gpu or (lambda fn: fn), access=config.access_policy())
     train = TrainTab(jobs, registry, config.access_policy()) if jobs is not None else None
+    # Only in-process adapters have folders to export; a --backend-url client has none.
+    export = ExportPanel(registry, config.access_policy()) if isinstance(registry, ModelRegistry) else None
     # PolicedBlocks: its server forbids images from other origins (ui.inert).
     with PolicedBlocks(title="Chat assistant") as demo:
         with gr.Tabs(selected=CHAT_TAB, elem_id="tabs") as tabs:
             with gr.Tab("Chat", id=CHAT_TAB, elem_id="chat-tab"):
-                ui = _layout(registry, handlers, defaults or GenerationParams())
+                ui = _layout(registry, handlers, defaults or GenerationParams(), export)
             if train is not None:
                 with gr.Tab("Train", id=TRAIN_TAB, elem_id="train-tab"):
                     train.layout()
         _wire(demo, ui, handlers)
+        if export is not None:
+            export.wire(ui.choice)
         if train is not None:
             train.wire(demo, tabs, CHAT_TAB, ui.choice, ui.compare, ui.chatbot, ui.base)
         gr.api(handlers.api_chat, api_name="chat", api_description=Handlers.api_chat.__doc__)
@@ -80,6 +87,7 @@ def build_app(
     demo.queue(max_size=config.max_queue, default_concurrency_limit=MAX_BATCH)
     demo.registry = registry  # the caller may warm a model or inspect what is loaded
     demo.jobs = jobs  # the fine-tuning jobs (None: no training here); the caller closes it on shutdown
+    demo.export_panel = export  # None: no local adapters to export
     return demo
 
 
@@ -174,7 +182,8 @@ class _Widgets:
                 self.repetition_penalty, self.max_new_tokens, self.seed]
 
 
-def _layout(registry: ModelRegistry, handlers: Handlers, defaults: GenerationParams) -> _Widgets:
+def _layout(registry: ModelRegistry, handlers: Handlers, defaults: GenerationParams,
+            export: ExportPanel | None = None) -> _Widgets:
     choice = registry.default_choice()
     prompt_names, first_prompt = handlers.prompt_menu(choice)
     w: dict = {}
@@ -199,6 +208,8 @@ def _layout(registry: ModelRegistry, handlers: Handlers, defaults: GenerationPar
                                       elem_id="adapter")
             w["compare"] = gr.Checkbox(False, label="Compare with the base model (side by side)",
                                        elem_id="compare")
+            if export is not None:
+                export.layout()
             w["prompt"] = gr.Dropdown(prompt_names, value=first_prompt, label="System prompt", elem_id="prompt")
             w["system"] = gr.Textbox(handlers.prompt_text(first_prompt, choice, ""), lines=4, max_lines=12,
                                      label="System prompt text", elem_id="system")

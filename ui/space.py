@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from assistant.adapters import adapter_base
-from assistant.embedded import EMBEDDED, EMBEDDED_HUB_ID, GGUF_PACKAGE, is_embedded
+from assistant.embedded import EMBEDDED, EMBEDDED_HUB_ID, GGUF_PACKAGE, is_embedded, public_name
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +113,7 @@ def export_space(adapter: str | Path, output_dir: str | Path, *, title: str | No
     _copy_code(out)
     shutil.copytree(adapter, out / ADAPTER_DIR, ignore=shutil.ignore_patterns("checkpoint-*", "*.checkpoints"))
     # The Space cannot install the GGUF package, so always name the Hub twin of the embedded model.
-    base = adapter_base(adapter) or EMBEDDED
-    base = EMBEDDED_HUB_ID if is_embedded(base) else base
+    base = public_name(adapter_base(adapter) or EMBEDDED)
     _set_adapter_base(out / ADAPTER_DIR / "adapter_config.json", base)
     (out / "requirements.txt").write_text(space_requirements())
     meta = front_matter(title=title or f"{adapter.resolve().name} chat", models=[base])
