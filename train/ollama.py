@@ -269,6 +269,11 @@ def _go_quote(text: str) -> str:
 
 def ollama_render(template: str, messages: list[dict[str, str]], system: str | None) -> str:
     """The text Ollama sends to the model for `messages` with Modelfile SYSTEM `system`."""
+    return render_go(template, ollama_data(messages, system))
+
+
+def ollama_data(messages: list[dict[str, str]], system: str | None) -> dict:
+    """What Ollama's chat handler hands its template for `messages` with Modelfile SYSTEM `system`."""
     if system and messages and messages[0]["role"] != "system":
         # Ollama's chat handler: the Modelfile's SYSTEM (when not empty) leads a chat that has none
         messages = [{"role": "system", "content": system}, *messages]
@@ -280,7 +285,7 @@ def ollama_render(template: str, messages: list[dict[str, str]], system: str | N
         else:
             collated.append({"Role": message["role"], "Content": message["content"]})
     joined = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    return render_go(template, {"System": joined, "Messages": collated, "Response": ""})
+    return {"System": joined, "Messages": collated, "Response": ""}
 
 
 def check_template(tokenizer, template: str, system: str | None, conversations: list[list[dict]]) -> None:
