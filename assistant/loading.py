@@ -45,6 +45,7 @@ class Host:
     precision: Precision
     lora: object = None  # the peft model holding every LoRA adapter (None until the first one)
     prefix: dict = field(default_factory=dict)  # adapter name -> its peft prefix-tuning model
+    solo: set = field(default_factory=set)  # LoRA adapters peft cannot mix in a batch (DoRA): their rows batch alone
     folders: dict = field(default_factory=dict)  # (resolved folder, its signature) -> adapter name
     # Held while a batch runs and while an adapter attaches (attaching mutates the model).
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -75,6 +76,7 @@ class Host:
 
     def _forget(self, name: str) -> None:
         self.prefix.pop(name, None)
+        self.solo.discard(name)
         if self.lora is not None and name in self.lora.peft_config:
             with contextlib.suppress(Exception):  # best effort: the adapter failed to load anyway
                 self.lora.delete_adapter(name)
@@ -109,6 +111,8 @@ class Host:
                 self.lora.add_adapter(name, config)
                 self.lora.load_adapter(str(folder), adapter_name=name)
                 model = self.lora
+            if method == "lora" and getattr(config, "use_dora", False):
+                self.solo.add(name)  # peft refuses DoRA rows in a mixed-adapter batch
         if not self.precision.bits:  # bitsandbytes models cannot be cast; peft casts per layer there
             model.to(self.precision_dtype)  # the adapter's weights compute in the base's dtype
         model.eval()
@@ -122,11 +126,24 @@ class Host:
 
     def runner(self, group: str, adapters: list[str | None]) -> tuple[object, contextlib.AbstractContextManager, dict]:
         """(model, context, generate kwargs) for a batch of `group` whose rows use `adapters` (None: base)."""
-        if group != MAIN:  # a prefix adapter: its own wrapper, with every LoRA layer switched off
+        if group in self.prefix:  # a prefix adapter: its own wrapper, with every LoRA layer switched off
             return self.prefix[group], self.lora.disable_adapter() if self.lora else contextlib.nullcontext(), {}
+        if group in self.solo:  # a DoRA adapter: the LoRA model with only it active, for the whole batch
+            return self.lora, _only_adapter(self.lora, group), {}
         if self.lora is None:
             return self.base, contextlib.nullcontext(), {}
         return self.lora, contextlib.nullcontext(), {"adapter_names": [a or BASE_ROW for a in adapters]}
+
+@contextlib.contextmanager
+def _only_adapter(model, name: str) -> Iterator[None]:
+    """Run the peft `model` with adapter `name` alone active, then restore the adapter that was."""
+    before = model.active_adapter
+    model.set_adapter(name, inference_mode=True)
+    try:
+        yield
+    finally:
+        model.set_adapter(before, inference_mode=True)
+
 
 @dataclass
 class ChatModel:
@@ -151,8 +168,9 @@ class ChatModel:
 
     @property
     def group(self) -> str:
-        """The batch group of this choice's rows (base and LoRA rows share one)."""
-        return self.adapter_name if self.method == "prefix" else MAIN
+        """The batch group of this choice's rows (base and LoRA rows share one; prefix and DoRA batch alone)."""
+        alone = self.method == "prefix" or (self.host is not None and self.adapter_name in self.host.solo)
+        return self.adapter_name if alone else MAIN
 
     @property
     def lock(self) -> threading.Lock:

@@ -36,7 +36,8 @@ class _Stack:
 
 
 def _gathered_forward(self: Linear, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
-    if self.training or self.lora_variant or x.dim() != 3 or x.shape[0] != len(adapter_names) or not self.lora_A:
+    variant = any(name in self.lora_variant for name in set(adapter_names))  # DoRA, aLoRA rows: peft's own path
+    if self.training or variant or x.dim() != 3 or x.shape[0] != len(adapter_names) or not self.lora_A:
         return _peft_mixed_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
     stack = getattr(self, "_gathered_stack", None)
     if stack is None or stack.names != tuple(self.lora_A.keys()):  # built on first use and after an attach

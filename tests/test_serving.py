@@ -205,3 +205,50 @@ def test_loading_one_adapter_never_holds_up_replies_of_the_others(adapters_dir, 
     assert time.monotonic() - start < 2.5, "the base model's reply waited for another adapter's load"
     loader.join(30)
     assert registry.get("sailor").adapter
+
+
+@pytest.mark.slow
+def test_a_dora_adapter_is_served_beside_lora_adapters(tmp_path, lora_adapter, monkeypatch):
+    import torch
+    from peft import LoraConfig, PeftModel
+
+    from assistant.chat_format import encode_prompt
+    from assistant.models import load_base_model, load_tokenizer, pick_precision
+
+    root = tmp_path / "served"
+    root.mkdir()
+    shutil.copytree(lora_adapter, root / "pirate")
+    random_adapter(root / "dora", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True,
+                                             task_type="CAUSAL_LM"), seed=3)
+    registry = ModelRegistry(root, precision="fp32")
+    choices = [BASE_CHOICE, "dora", "pirate"]
+    solo = {c: complete_reply(registry.get(c), HELLO, GREEDY) for c in choices}
+    assert len(set(solo.values())) == 3, f"every adapter changes the reply: {solo}"
+    # peft cannot mix DoRA rows with others: they batch alone while base and LoRA rows still share one.
+    host = registry.get("dora").host
+    from assistant import lora_batch
+
+    fallbacks, peft_path = [], lora_batch._peft_mixed_forward
+    monkeypatch.setattr(lora_batch, "_peft_mixed_forward", lambda *a, **k: fallbacks.append(1) or peft_path(*a, **k))
+    runner, batches = host.runner, []
+    monkeypatch.setattr(host, "runner", lambda group, names: batches.append((group, list(names))) or runner(group, names))
+    together: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda c=c: together.update({c: complete_reply(registry.get(c), HELLO, GREEDY)}))
+               for c in choices]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert together == solo
+    dora_name = registry.get("dora").adapter_name
+    assert all(set(names) == {dora_name} for group, names in batches if dora_name in names)
+    assert not fallbacks, "base and LoRA rows beside an attached DoRA adapter keep the gathered LoRA matmuls"
+    # What is served is the DoRA adapter as peft itself computes it, on its own.
+    tokenizer = load_tokenizer("embedded")
+    model = PeftModel.from_pretrained(load_base_model("embedded", pick_precision("fp32")), str(root / "dora")).eval()
+    with torch.inference_mode():
+        ids = torch.tensor([encode_prompt(tokenizer, HELLO)])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             repetition_penalty=GREEDY.repetition_penalty, max_new_tokens=GREEDY.max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id)
+    assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == solo["dora"]

@@ -71,6 +71,18 @@ def test_prefix_tuning_trains_saves_loads_and_generates(trained_prefix):
     assert reply.strip()
 
 
+@pytest.mark.slow
+def test_dora_trains_and_its_adapter_is_published(tmp_path):
+    # The post-save checks reply with the adapter through the serving engine, which used to refuse DoRA.
+    out = tmp_path / "dora"
+    done = sft(str(DATA / "valid_pairs.jsonl"), "--output-dir", str(out), "--use-dora", "--max-steps", "2",
+               "--learning-rate", "1e-3", *FAST)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["eval_loss"] < report["base_eval_loss"]
+
+
 def test_resume_continues_a_run_killed_with_sigkill(tmp_path):
     out = tmp_path / "resumed"
     args = [
