@@ -51,7 +51,7 @@ class DecodeSpeedConfig:
     build_llamacpp: bool = field(
         default=True,
         metadata={
-            "help": "Build llama-cpp-python from source (train.llamacpp: the same build train.export --verify "
+            "help": "Build llama-cpp-python from source (train.export.llamacpp: the same build train.export --verify "
             "uses) when it is missing (minutes)."
         },
     )
@@ -235,7 +235,7 @@ def copy_bandwidth_gbs(megabytes: int, repeats: int = 5) -> float:
 
 def ensure_llamacpp(config: DecodeSpeedConfig) -> tuple[str | None, str | None]:
     """(interpreter that imports llama_cpp, None), building it if allowed; else (None, why not)."""
-    from train.llamacpp import LlamaCppUnavailable, ensure_python, find_python, venv_dir
+    from train.export.llamacpp import LlamaCppUnavailable, ensure_python, find_python, venv_dir
 
     found = find_python()
     if found or not config.build_llamacpp:

@@ -1,4 +1,4 @@
-"""Times llama.cpp decoding for bench.decode_speed; runs under the llama-cpp-python venv (train.llamacpp), prints one JSON line.
+"""Times llama.cpp decoding for bench.decode_speed; runs under the llama-cpp-python venv (train.export.llamacpp), prints one JSON line.
 
 Standard library + llama_cpp only (that venv has no transformers), so options are parsed with argparse.
 The prompt arrives as token ids rendered by the transformers tokenizer, so every engine reads the same ids.

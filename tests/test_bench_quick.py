@@ -81,7 +81,7 @@ def test_train_speed_quick(tmp_path: Path) -> None:
 def test_decode_speed_quick(tmp_path: Path) -> None:
     final, saved, _ = run_quick("decode_speed", tmp_path, timeout=600)
     check_final("decode_speed", final)
-    from train.llamacpp import find_python
+    from train.export.llamacpp import find_python
 
     if find_python():
         assert final["decode_tok_s_llamacpp"], saved["final"].get("llamacpp_error")

@@ -60,7 +60,7 @@ def test_gguf_lora_holds_the_adapters_tensors_in_llama_cpp_layout(strong_adapter
     from safetensors.numpy import load_file
 
     from assistant.embedded import embedded_model_dir
-    from train.gguf_lora import write_lora_gguf
+    from train.export.gguf_lora import write_lora_gguf
 
     out = write_lora_gguf(strong_adapter, gguf_path(), tmp_path / "adapter.gguf")
     reader = gguf.GGUFReader(out)
@@ -99,7 +99,7 @@ def _export(*args: str) -> subprocess.CompletedProcess:
 
 def test_ollama_export_carries_template_prompt_and_stop(strong_adapter, tmp_path):
     from assistant.models import load_tokenizer
-    from train.ollama import TEMPLATE_CHECKS, check_template, parse_modelfile
+    from train.export.ollama import TEMPLATE_CHECKS, check_template, parse_modelfile
 
     out = tmp_path / "ollama"
     done = _export(str(strong_adapter), "--to", "ollama", "--output-dir", str(out), "--skip-verify")
@@ -170,7 +170,7 @@ def test_a_hub_twin_adapter_from_elsewhere_uses_the_hub_copy_when_cached(strong_
 
 
 def _binding() -> str | None:
-    from train.llamacpp import find_python
+    from train.export.llamacpp import find_python
 
     return find_python()
 
@@ -199,11 +199,11 @@ def test_llama_cpp_replies_as_we_do(strong_adapter, tmp_path):
 
 @needs_llamacpp
 def test_the_round_trip_catches_a_wrong_tensor_layout(strong_adapter, tmp_path, monkeypatch):
-    import train.gguf_lora
+    import train.export.gguf_lora
     from train.export import ExportConfig, export
-    from train.gguf_lora import ExportError
+    from train.export.gguf_lora import ExportError
 
-    monkeypatch.setattr(train.gguf_lora, "permute_rows", lambda weight, heads: weight)  # HF row order kept
+    monkeypatch.setattr(train.export.gguf_lora, "permute_rows", lambda weight, heads: weight)  # HF row order kept
     with pytest.raises(ExportError, match="does not reply as this app does"):
         export(ExportConfig(str(strong_adapter), to="gguf", output_dir=str(tmp_path / "g"), verify=True))
     assert not (tmp_path / "g").exists(), "a failed verification publishes nothing"

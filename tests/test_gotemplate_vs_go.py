@@ -1,4 +1,4 @@
-"""train.gotemplate renders exactly as Go's own text/template (Ollama's engine) on every template the
+"""train.export.gotemplate renders exactly as Go's own text/template (Ollama's engine) on every template the
 export writes and on the renderer's semantics; Go is Debian's golang-go (`.ci/run` installs it)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.test_ollama import HEADINGS, LLAMA3, ZEPHYR
-from train.gotemplate import render_go
-from train.ollama import TEMPLATE_CHECKS, go_template, ollama_data
+from train.export.gotemplate import render_go
+from train.export.ollama import TEMPLATE_CHECKS, go_template, ollama_data
 
 GO = shutil.which("go")
 pytestmark = pytest.mark.skipif(GO is None, reason="Go is not installed: apt-get install -y golang-go (.ci/run does)")

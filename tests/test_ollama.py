@@ -7,8 +7,8 @@ import copy
 import pytest
 
 from assistant.chat_format import TemplateError, render_chat
-from train.gotemplate import render_go
-from train.ollama import (
+from train.export.gotemplate import render_go
+from train.export.ollama import (
     TEMPLATE_CHECKS,
     check_template,
     go_template,

@@ -27,7 +27,7 @@ def request_from(peer: str, headers: dict | None = None):
 def no_llama_cpp(monkeypatch) -> None:
     """Exports as on a machine without llama.cpp's binding: not verified (tests/test_export.py verifies), and
     seconds faster."""
-    monkeypatch.setattr("train.llamacpp.find_python", lambda: None)
+    monkeypatch.setattr("train.export.llamacpp.find_python", lambda: None)
 
 
 @pytest.fixture

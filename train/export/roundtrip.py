@@ -26,8 +26,8 @@ from assistant.batching import stop_ids
 from assistant.chat_format import encode_prompt, render_chat
 from assistant.generation import GenerationParams, reply_tokens
 from assistant.loading import ChatModel, load_chat_model
-from train.gguf_lora import ExportError
-from train.llamacpp import run_worker
+from train.export.gguf_lora import ExportError
+from train.export.llamacpp import run_worker
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Ollama renders chats with a Go text/template (the Modelfile's TEMPLATE), not wit
 model was trained with; a wrong template is the usual reason a fine-tune answers differently in Ollama.
 `go_template` learns the Jinja template's structure by rendering marker conversations and writes the
 equivalent Go template; `check_template` proves the two render the same text (a mismatch is an error);
-`train.gotemplate.render_go` renders the Go side with Go's semantics.
+`train.export.gotemplate.render_go` renders the Go side with Go's semantics.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from assistant.adapters import with_system
 from assistant.chat_format import TemplateError, render_chat
-from train.gotemplate import SPACE, render_go
+from train.export.gotemplate import SPACE, render_go
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """A strict renderer of Go's text/template, for the subset Ollama chat templates use.
 
-Ollama renders chats with Go templates; `train.ollama` proves the TEMPLATE it writes renders exactly as
+Ollama renders chats with Go templates; `train.export.ollama` proves the TEMPLATE it writes renders exactly as
 the trained Jinja template. Go is not here, so this renders them with Go's semantics (trim markers,
 truthiness, `eq` with several arguments, byte-counting `len`/`slice`, block-scoped variables) and raises
 ValueError, with the position, on anything outside the subset rather than rendering something else.

@@ -23,9 +23,9 @@ from assistant.chat_format import TemplateError
 from assistant.embedded import is_embedded
 from assistant.logs import configure
 from train.cli import parse_with_positional
-from train.gguf_lora import ExportError, refuse_unsupported, write_lora_gguf
+from train.export.gguf_lora import ExportError, refuse_unsupported, write_lora_gguf
+from train.export.roundtrip import TIE_SWING, VERIFY_QUESTIONS
 from train.records import load_examples
-from train.roundtrip import TIE_SWING, VERIFY_QUESTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def _write_gguf_export(config: ExportConfig, staging: Path, base_gguf: Path, pyt
 def write_ollama(adapter: str | Path, folder: Path, base_name: str) -> str:
     """Write the Modelfile for `adapter` into `folder`, its template proven equal to the trained one."""
     from assistant.models import load_tokenizer
-    from train.ollama import TEMPLATE_CHECKS, check_template, go_template, modelfile
+    from train.export.ollama import TEMPLATE_CHECKS, check_template, go_template, modelfile
 
     tokenizer = load_tokenizer(str(adapter)) if (Path(adapter) / "tokenizer_config.json").is_file() else None
     if tokenizer is None:
@@ -201,7 +201,7 @@ def _stop_ids(adapter: str | Path, tokenizer) -> list[int]:
 
 def _verifier(config: ExportConfig) -> str | None:
     """The interpreter that runs llama.cpp, or None when verification is off or not available."""
-    from train.llamacpp import ensure_python, find_python
+    from train.export.llamacpp import ensure_python, find_python
 
     if config.skip_verify:
         return None
@@ -229,8 +229,8 @@ def verify_chats(config: ExportConfig) -> list[list[dict[str, str]]]:
 
 
 def verify(config: ExportConfig, base_gguf: Path, lora_gguf: Path, python: str) -> dict:
-    """The llama.cpp round trip of the written files (train.roundtrip)."""
-    from train.roundtrip import round_trip
+    """The llama.cpp round trip of the written files (train.export.roundtrip)."""
+    from train.export.roundtrip import round_trip
 
     return round_trip(config.adapter, base_gguf, lora_gguf, python, verify_chats(config),
                       max_new_tokens=config.verify_tokens, must_match=config.must_match, threads=config.threads,
@@ -277,6 +277,3 @@ def summary(record: dict) -> str:
 
 
 __all__ = ["ExportConfig", "ExportError", "TemplateError", "export", "summary"]
-
-if __name__ == "__main__":
-    sys.exit(main())
