@@ -158,6 +158,50 @@ def test_adapter_config_names_the_hub_twin_and_we_serve_the_embedded_copy(traine
     assert adapter_base(trained_lora) == EMBEDDED
 
 
+PEFT_REPLY = """
+import sys, torch
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+text = tokenizer.apply_chat_template([{"role": "user", "content": sys.argv[2]}], tokenize=False, add_generation_prompt=True)
+ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+out = model.generate(ids, max_new_tokens=12, do_sample=False)
+print(model.peft_config["default"].base_model_name_or_path)
+print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+"""
+
+
+def test_peft_loads_the_adapter_folder_by_its_base_name_and_replies_as_we_do(trained_lora, tmp_path):
+    import os
+
+    from assistant.embedded import embedded_model_dir
+    from assistant.generation import GenerationParams, complete_reply
+    from assistant.loading import load_chat_model
+
+    # A Hub cache holding the Hub twin (the embedded copy's files under its Hub name), offline: what a
+    # user with the model downloaded has. peft must find the base from adapter_config.json alone.
+    repo = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in embedded_model_dir().iterdir():
+        (snapshot / file.name).symlink_to(file)
+    question = "Hello, how are you today?"
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", PEFT_REPLY, str(trained_lora), question], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    base, reply = done.stdout.strip().split("\n", 1)
+    assert base == EMBEDDED_HUB_ID
+    ours = complete_reply(load_chat_model(adapter=trained_lora, precision="fp32"),
+                          [{"role": "user", "content": question}],
+                          GenerationParams(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0))
+    assert reply.strip() == ours.strip()
+
+
 def test_a_hub_twin_adapter_from_elsewhere_uses_the_hub_copy_when_cached(strong_adapter, tmp_path, monkeypatch):
     import huggingface_hub
 
