@@ -37,6 +37,21 @@ def random_adapter(folder: Path, config, seed: int) -> Path:
     return folder
 
 
+def replies_together(registry: ModelRegistry, choices: list[str], monkeypatch) -> tuple[dict, list]:
+    """Every choice's greedy reply to HELLO, all at once; and the (group, adapter names) of each batch run."""
+    host = registry.get(choices[-1]).host
+    runner, batches = host.runner, []
+    monkeypatch.setattr(host, "runner", lambda group, names: batches.append((group, list(names))) or runner(group, names))
+    together: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda c=c: together.update({c: complete_reply(registry.get(c), HELLO, GREEDY)}))
+               for c in choices]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return together, batches
+
+
 @pytest.fixture(scope="module")
 def adapters_dir(tmp_path_factory, lora_adapter) -> Path:
     """pirate (LoRA on q/v), sailor (LoRA on k/o/up: modules pirate leaves alone), prefix (prefix tuning)."""
@@ -65,16 +80,7 @@ def test_adapters_share_one_base_and_decode_in_one_batch(adapters_dir, precision
     hosts = {id(registry.get(c).host) for c in choices}
     assert len(hosts) == 1 and len(registry._hosts) == 1, "every adapter is attached to one copy of the base"
 
-    host = registry.get("pirate").host
-    runner, batches = host.runner, []
-    monkeypatch.setattr(host, "runner", lambda group, names: batches.append((group, list(names))) or runner(group, names))
-    together: dict[str, str] = {}
-    threads = [threading.Thread(target=lambda c=c: together.update({c: complete_reply(registry.get(c), HELLO, GREEDY)}))
-               for c in choices]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    together, batches = replies_together(registry, choices, monkeypatch)
     assert together == solo, "a reply decoded beside other adapters' equals its reply alone"
     mixed = [names for group, names in batches if len(set(names)) >= 3]
     assert mixed, f"base and both LoRA adapters were not decoded in one batch: {batches}"
@@ -225,20 +231,11 @@ def test_a_dora_adapter_is_served_beside_lora_adapters(tmp_path, lora_adapter, m
     solo = {c: complete_reply(registry.get(c), HELLO, GREEDY) for c in choices}
     assert len(set(solo.values())) == 3, f"every adapter changes the reply: {solo}"
     # peft cannot mix DoRA rows with others: they batch alone while base and LoRA rows still share one.
-    host = registry.get("dora").host
     from assistant import lora_batch
 
     fallbacks, peft_path = [], lora_batch._peft_mixed_forward
     monkeypatch.setattr(lora_batch, "_peft_mixed_forward", lambda *a, **k: fallbacks.append(1) or peft_path(*a, **k))
-    runner, batches = host.runner, []
-    monkeypatch.setattr(host, "runner", lambda group, names: batches.append((group, list(names))) or runner(group, names))
-    together: dict[str, str] = {}
-    threads = [threading.Thread(target=lambda c=c: together.update({c: complete_reply(registry.get(c), HELLO, GREEDY)}))
-               for c in choices]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    together, batches = replies_together(registry, choices, monkeypatch)
     assert together == solo
     dora_name = registry.get("dora").adapter_name
     assert all(set(names) == {dora_name} for group, names in batches if dora_name in names)

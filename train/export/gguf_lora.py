@@ -173,13 +173,3 @@ def write_lora_gguf(adapter: str | Path, base_gguf: str | Path, output: str | Pa
     logger.info("GGUF LoRA written: %s (%d tensors, alpha %g)", output, len(tensors), alpha)
     return output
 
-
-def describe(path: str | Path) -> dict:
-    """Key facts of a GGUF LoRA file (type, alpha, tensor count), read back with `gguf`."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    fields = {k: reader.fields[k].contents() for k in ("general.type", "adapter.type", "adapter.lora.alpha")
-              if k in reader.fields}
-    return {**fields, "tensors": len(reader.tensors)}
-
