@@ -241,25 +241,34 @@ class JobRunner:
     # -- the work ------------------------------------------------------------------------------------
     def _validate(self, job_id: str) -> None:
         job = self.get(job_id)
-        command = [sys.executable, "-m", "train.check", str(self.files.path(job.training_file)),
-                   "--base-model", self._base(job)]
-        if job.system_prompt:
-            command += ["--system-prompt", job.system_prompt]
-        self._event(job, "Validating the training file")
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=_env())
-        problems = [line.removeprefix("error: ") for line in done.stderr.splitlines() if line.startswith("error")]
+        files = [("training_file", job.training_file)] + ([("validation_file", job.validation_file)]
+                                                           if job.validation_file else [])
+        summary: list[str] = []
+        for param, file_id in files:  # the validation file too: a bad one would only fail after training
+            what = param.replace("_", " ")
+            command = [sys.executable, "-m", "train.check", str(self.files.path(file_id)), "--base-model", self._base(job)]
+            if job.system_prompt:
+                command += ["--system-prompt", job.system_prompt]
+            self._event(job, f"Validating the {what}")
+            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=_env())
+            problems = [line.removeprefix("error: ") for line in done.stderr.splitlines() if line.startswith("error")]
+            with self.lock:
+                job = self.get(job_id)
+                if job.status != "validating_files":  # cancelled meanwhile
+                    return
+                if done.returncode != 0:
+                    message = "; ".join(problems) or done.stderr.strip()[-2000:] or "the dataset doctor failed"
+                    job.status, job.finished_at = "failed", int(time.time())
+                    job.error = {"code": f"invalid_{param}", "message": message, "param": param}
+                    self._save(job)
+                    self._event(job, f"{what.capitalize()} is invalid: {message}", level="error")
+                    return
+            if not summary:
+                summary = [line for line in done.stdout.splitlines() if line.startswith(("format:", "examples:", "tokens:"))]
         with self.lock:
             job = self.get(job_id)
-            if job.status != "validating_files":  # cancelled meanwhile
+            if job.status != "validating_files":
                 return
-            if done.returncode != 0:
-                message = "; ".join(problems) or done.stderr.strip()[-2000:] or "the dataset doctor failed"
-                job.status, job.finished_at = "failed", int(time.time())
-                job.error = {"code": "invalid_training_file", "message": message, "param": "training_file"}
-                self._save(job)
-                self._event(job, f"Training file is invalid: {message}", level="error")
-                return
-            summary = [line for line in done.stdout.splitlines() if line.startswith(("format:", "examples:", "tokens:"))]
             job.status = "queued"
             self._save(job)
             self._event(job, "Training file is valid: " + " · ".join(summary))

@@ -166,6 +166,17 @@ def test_a_bad_file_fails_with_its_line_number_and_never_trains(client, app):
     assert not (app.demo.jobs.root / job.id / "train.log").exists()
 
 
+def test_a_bad_validation_file_fails_before_training_too(client, app):
+    with (DATA / "valid_pairs.jsonl").open("rb") as good, BAD.open("rb") as bad:
+        training = client.files.create(file=good, purpose="fine-tune")
+        validation = client.files.create(file=bad, purpose="fine-tune")
+    created = client.fine_tuning.jobs.create(model="base", training_file=training.id, validation_file=validation.id)
+    job = wait_status(client, created.id, {"failed", "succeeded", "running"}, timeout=90)
+    assert job.status == "failed" and job.error.param == "validation_file" and job.error.code == "invalid_validation_file"
+    assert f"{BAD.name}:{BAD_LINE}:" in job.error.message, job.error.message
+    assert not (app.demo.jobs.root / job.id / "train.log").exists()
+
+
 def test_a_running_job_is_cancelled_and_publishes_nothing(client, app):
     with (DATA / "valid_pairs.jsonl").open("rb") as data:
         upload = client.files.create(file=data, purpose="fine-tune")
