@@ -4,6 +4,7 @@ as we do (round trip, where the binding is built)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -48,10 +49,17 @@ def _gguf_tensors(path: Path) -> dict[str, np.ndarray]:
     return {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}
 
 
+@functools.cache
+def _base_tensors() -> dict:
+    import gguf
+
+    return {t.name: t for t in gguf.GGUFReader(gguf_path()).tensors}
+
+
 def _dequantized(name: str) -> np.ndarray:
     import gguf
 
-    tensor = next(t for t in gguf.GGUFReader(gguf_path()).tensors if t.name == name)
+    tensor = _base_tensors()[name]
     return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
 
 
@@ -230,7 +238,8 @@ needs_llamacpp = pytest.mark.skipif(
 def test_llama_cpp_replies_as_we_do(strong_adapter, tmp_path):
     from train.export import ExportConfig, export
 
-    record = export(ExportConfig(str(strong_adapter), to="gguf", output_dir=str(tmp_path / "g"), verify=True))
+    record = export(ExportConfig(str(strong_adapter), to="gguf", output_dir=str(tmp_path / "g"), verify=True,
+                                 verify_tokens=32))
     checked = record["verify"]
     assert checked["chats"] == 4 and checked["adapter_changes_replies"] >= 3
     for row in checked["rows"]:
@@ -248,6 +257,7 @@ def test_the_round_trip_catches_a_wrong_tensor_layout(strong_adapter, tmp_path, 
     from train.export.gguf_lora import ExportError
 
     monkeypatch.setattr(train.export.gguf_lora, "permute_rows", lambda weight, heads: weight)  # HF row order kept
-    with pytest.raises(ExportError, match="does not reply as this app does"):
-        export(ExportConfig(str(strong_adapter), to="gguf", output_dir=str(tmp_path / "g"), verify=True))
+    with pytest.raises(ExportError, match="does not reply as this app does"):  # one short chat shows it
+        export(ExportConfig(str(strong_adapter), to="gguf", output_dir=str(tmp_path / "g"), verify=True,
+                            verify_prompts=1, verify_tokens=16))
     assert not (tmp_path / "g").exists(), "a failed verification publishes nothing"
