@@ -44,12 +44,13 @@ def adapter_base(folder: str | Path) -> str | None:
         return None
     if is_embedded(base):  # older adapters named the embedded model itself
         return EMBEDDED
-    if base == EMBEDDED_HUB_ID and (is_embedded(_report(folder).get("base_model")) or _embedded_stands_in()):
+    if base == EMBEDDED_HUB_ID and (is_embedded(training_report(folder).get("base_model")) or _embedded_stands_in()):
         return EMBEDDED
     return base
 
 
-def _report(folder: str | Path) -> dict:
+def training_report(folder: str | Path) -> dict:
+    """The adapter folder's training_report.json ({} when it has none or it cannot be read)."""
     try:
         report = json.loads((Path(folder) / REPORT_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from assistant.adapters import training_report
 from serve.files import FileError, FileStore
 
 logger = logging.getLogger(__name__)
@@ -326,8 +327,7 @@ class JobRunner:
                 self._event(job, f"Interrupted: the training process was killed (signal {-process.returncode})",
                             level="warn")
             elif process.returncode == 0:
-                report = self.adapters_dir / job.output_name / "training_report.json"
-                tokens = json.loads(report.read_text()).get("data", {}).get("train", {}).get("tokens")
+                tokens = training_report(self.adapters_dir / job.output_name).get("data", {}).get("train", {}).get("tokens")
                 job.fine_tuned_model, job.trained_tokens = job.output_name, tokens
                 self._finish(job.id, "succeeded", None, job)
                 if self.on_published:

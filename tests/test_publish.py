@@ -62,7 +62,7 @@ def test_output_dir_refuses_a_folder_it_did_not_write(tmp_path):
 
     merged = subprocess.run([sys.executable, "-m", "train.merge", str(DATA), "--output-dir", str(mine)],
                             cwd=ROOT, capture_output=True, text=True)
-    assert merged.returncode == 2 and "not a model written by train.merge" in merged.stderr
+    assert merged.returncode == 2 and "was not written by train.merge" in merged.stderr
     assert (mine / "chapter1.tex").read_text() == "years of work"
 
 

@@ -87,6 +87,12 @@ def upload(page, path: Path) -> None:
     page.set_input_files("#train-file input[type=file]", str(path))
 
 
+def upload_trainable(page) -> None:
+    """Upload the small valid data set and wait for the doctor to pass it."""
+    upload(page, DATA / "valid_pairs.jsonl")
+    wait_for(lambda: "ok: ready to train" in report(page), 60, what="the doctor's report")
+
+
 @pytest.mark.browser
 @pytest.mark.slow
 def test_a_malformed_file_shows_the_doctors_errors_and_nothing_starts(train_app):
@@ -114,8 +120,7 @@ def test_a_malformed_file_shows_the_doctors_errors_and_nothing_starts(train_app)
 @pytest.mark.slow
 def test_train_watch_the_loss_plot_grow_finish_and_chat_with_the_adapter(train_app):
     page = train_app.open()
-    upload(page, DATA / "valid_pairs.jsonl")
-    wait_for(lambda: "ok: ready to train" in report(page), 60, what="the doctor's report")
+    upload_trainable(page)
     shown = report(page)
     assert "format: pairs (40 rows)" in shown and "tokens:" in shown and "[[" in shown and "]]" in shown
     assert page.locator(POINTS).count() == 0
@@ -163,8 +168,7 @@ def test_train_watch_the_loss_plot_grow_finish_and_chat_with_the_adapter(train_a
 @pytest.mark.slow
 def test_reloading_shows_the_running_job_and_stop_and_resume_it(train_app):
     page = train_app.open()
-    upload(page, DATA / "valid_pairs.jsonl")
-    wait_for(lambda: "ok: ready to train" in report(page), 60, what="the doctor's report")
+    upload_trainable(page)
     page.click("#train-start")
     runner = train_app.runner
     job_id = wait_for(lambda: next((j.id for j in runner.list() if j.status == "running"), None), 60,

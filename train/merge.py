@@ -36,13 +36,11 @@ class MergeConfig:
 MERGE_RECORD = "merged_from.json"  # marks a folder train.merge wrote (so a new merge may replace it)
 
 
-def check_output_dir(target: Path) -> None:
-    """Refuse to replace anything but an empty folder or a model train.merge wrote."""
-    if target.exists() and (
-        not target.is_dir() or (any(target.iterdir()) and not (target / MERGE_RECORD).is_file())
-    ):
+def check_output_dir(target: Path, record: str = MERGE_RECORD, writer: str = "train.merge") -> None:
+    """Refuse to replace anything but an empty folder or one `writer` wrote (it holds `record`)."""
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / record).is_file())):
         raise ValueError(
-            f"--output-dir {target}: exists and is not a model written by train.merge (no {MERGE_RECORD}); "
+            f"--output-dir {target}: exists and was not written by {writer} (no {record}); "
             "choose another --output-dir or move it away"
         )
 

@@ -10,7 +10,6 @@ Every action follows the API's rule (serve.access): a logged-in user, or a calle
 from __future__ import annotations
 
 import html
-import json
 import logging
 import math
 import threading
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 import gradio as gr
 import pandas as pd
 
+from assistant.adapters import training_report
 from serve.access import AccessPolicy
 from serve.jobs import ACTIVE, METHODS, Job, JobError, JobRunner
 
@@ -268,10 +268,8 @@ class TrainTab:
             return "Cancelled."
         if job.status != "succeeded":
             return ""
-        path = self.runner.adapters_dir / job.output_name / "training_report.json"
-        try:
-            report = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        report = training_report(self.runner.adapters_dir / job.output_name)
+        if not report:
             return f"Adapter {job.fine_tuned_model} is ready (its training report could not be read)."
         text = report_text(job.fine_tuned_model or job.output_name, report)
         try:  # probe rows name the stored copy of the file; the user knows it by its name

@@ -25,6 +25,7 @@ from assistant.logs import configure
 from train.cli import parse_with_positional
 from train.export.gguf_lora import ExportError, refuse_unsupported, write_lora_gguf
 from train.export.roundtrip import TIE_SWING, VERIFY_QUESTIONS
+from train.merge import MergeConfig, check_output_dir, merge
 from train.records import load_examples
 
 logger = logging.getLogger(__name__)
@@ -86,15 +87,6 @@ def default_output(config: ExportConfig) -> Path:
     return Path(config.output_dir or Path("exports") / f"{Path(config.adapter).resolve().name}-{config.to}")
 
 
-def check_output_dir(target: Path, record: str = EXPORT_RECORD) -> None:
-    """Refuse to replace anything but an empty folder or one this exporter wrote."""
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / record).is_file())):
-        raise ExportError(
-            f"--output-dir {target}: exists and was not written by train.export (no {record}); "
-            "choose another --output-dir or move it away"
-        )
-
-
 def base_gguf_for(adapter: str | Path, given: str | None) -> Path:
     """The base model's GGUF: the one given, else the embedded model's shipped file."""
     if given:
@@ -118,12 +110,10 @@ def export(config: ExportConfig) -> dict:
     adapter_info(config.adapter)  # a clear error when the folder is not an adapter
     target = default_output(config)
     if config.to == "merged":
-        from train.merge import MergeConfig, merge
-
         folder = merge(MergeConfig(config.adapter, str(target), config.base_model, config.precision))
         return {"to": "merged", "output_dir": str(folder)}
     # Everything that can be refused is refused before anything is written or loaded.
-    check_output_dir(target)
+    check_output_dir(target, EXPORT_RECORD, "train.export")
     refuse_unsupported(config.adapter)
     base_gguf = base_gguf_for(config.adapter, config.base_gguf)
     python = _verifier(config)
@@ -166,9 +156,9 @@ def write_ollama(adapter: str | Path, folder: Path, base_name: str) -> str:
     from assistant.models import load_tokenizer
     from train.export.ollama import TEMPLATE_CHECKS, check_template, go_template, modelfile
 
-    tokenizer = load_tokenizer(str(adapter)) if (Path(adapter) / "tokenizer_config.json").is_file() else None
-    if tokenizer is None:
+    if not (Path(adapter) / "tokenizer_config.json").is_file():
         raise ExportError(f"{adapter}: has no tokenizer files; train.sft saves them beside the adapter")
+    tokenizer = load_tokenizer(str(adapter))
     template = go_template(tokenizer)
     prompt = trained_prompt(adapter)
     system = prompt.text if prompt else None

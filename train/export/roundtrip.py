@@ -106,7 +106,7 @@ def round_trip(
 
 def _our_logits(chat: ChatModel, ids: list[int], reply: list[int]) -> torch.Tensor:
     """Our logits after the prompt and after each prefix of `reply` (teacher forcing, like llama.cpp's side)."""
-    with torch.inference_mode():
+    with chat.lock, torch.inference_mode():  # the host's model is the engine's too: take turns
         out = chat.model(input_ids=torch.tensor([ids + reply])).logits[0, len(ids) - 1 :]
     return out.float()
 
