@@ -7,8 +7,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+from assistant.adapters import messages_for
 from assistant.batching import END, Request, engine_for, stop_ids
 from assistant.chat_format import encode_prompt
 from assistant.loading import MAIN, ChatModel
@@ -31,6 +32,23 @@ class GenerationParams:
     repetition_penalty: float = 1.1
     seed: int | None = None
     min_new_tokens: int = 0  # no end of turn before this many tokens (benchmarks time exact lengths)
+
+    @classmethod
+    def resolve(cls, defaults: dict | None = None, **given) -> GenerationParams:
+        """What the caller gave (None: unset), else the model's generation_config.json fields `defaults`
+        (an adapter's, else its base's; vLLM's convention), else the app's defaults above."""
+        values = asdict(cls())
+        defaults = defaults or {}
+        for name in ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens"):
+            if defaults.get(name) is not None:
+                values[name] = type(values[name])(defaults[name])
+        if defaults.get("do_sample") is False:  # Hugging Face's greedy switch
+            values["temperature"] = 0.0
+        unknown = set(given) - set(values)
+        if unknown:
+            raise TypeError(f"unknown generation settings: {', '.join(sorted(unknown))}")
+        values.update({k: v for k, v in given.items() if v is not None})
+        return cls(**values)
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one batched generate call.
@@ -78,8 +96,9 @@ def stream_reply(
     on_trim: Callable[[int], None] | None = None,
 ) -> Iterator[str]:
     """Yield the growing reply text; setting `cancel` (or closing the generator) stops within a token."""
-    params = params or GenerationParams()
+    params = params or GenerationParams.resolve(chat.generation_defaults)
     cancel = cancel or threading.Event()
+    messages = messages_for(messages, chat.trained_prompt)  # the one prompt rule
     ids, dropped = fit_history(chat.tokenizer, messages, chat.context_window - params.max_new_tokens)
     if dropped:
         logger.info("history trimmed: %d oldest messages left out to fit the context window", dropped)

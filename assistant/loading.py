@@ -18,16 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from assistant.adapters import (
-    TrainedPrompt,
-    adapter_base,
-    adapter_info,
-    folder_signature,
-    method_of,
-    trained_prompt,
-)
+from assistant.adapters import SAMPLING_FIELDS, AdapterFolder, TrainedPrompt, read_folder
 from assistant.embedded import EMBEDDED, is_embedded
-from assistant.models import Precision, load_base_model, load_tokenizer, pick_precision
+from assistant.models import Precision, load_base_model, load_tokenizer, pick_precision, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +48,14 @@ class Host:
 
     def attach(self, folder: str | Path) -> tuple[str, str]:
         """Attach an adapter folder (once) and return (its adapter name, its method)."""
-        key = (str(Path(folder).resolve()), folder_signature(folder))  # a retrained adapter attaches anew
+        info = read_folder(folder).require()
+        key = (str(Path(folder).resolve()), info.signature)  # a retrained adapter attaches anew
         if key in self.folders:
             name = self.folders[key]
             return name, "prefix" if name in self.prefix else "lora"
-        method = method_of(adapter_info(folder))
+        method = info.method
+        if method is None:
+            raise ValueError(f"{folder}: a {info.kind} folder has nothing to attach; serve it as a base model")
         name = f"adapter{next(self._names)}"  # peft module keys: no dots, nothing like "lora_"; never reused
         self.attaching.set()  # a running batch pauses at its next token and releases the lock
         try:
@@ -155,9 +151,22 @@ class ChatModel:
     precision: Precision
     adapter: str | None = None  # the adapter folder
     method: str | None = None  # "lora" | "prefix" | None
-    trained_prompt: TrainedPrompt | None = None  # the system prompt the adapter was trained with
+    folder: AdapterFolder | None = None  # what its folder says (an adapter's, or a merged model's own)
     host: Host | None = field(default=None, repr=False)
     adapter_name: str | None = None  # its name on the host
+
+    @property
+    def trained_prompt(self) -> TrainedPrompt | None:
+        """The system prompt it was trained with (None: a plain base model, or not recorded)."""
+        return self.folder.prompt if self.folder else None
+
+    @property
+    def generation_defaults(self) -> dict:
+        """Sampling settings for what a caller leaves unset: its folder's generation_config.json, else the
+        base model's (assistant.generation.GenerationParams.resolve)."""
+        if self.folder and self.folder.generation:
+            return dict(self.folder.generation)
+        return base_generation(self.host.base) if self.host else {}
 
     def describe(self) -> str:
         """Human summary for the log and the UI."""
@@ -202,15 +211,17 @@ def _load_host(base: str, chosen: Precision) -> Host:
 
 def chat_model(host: Host, adapter: str | Path | None = None) -> ChatModel:
     """The choice `adapter` (None: the base model) on `host`, attaching the adapter when it is new."""
-    if adapter is None:
-        return ChatModel(host.base, host.tokenizer, host.name, host.precision, host=host)
+    own = read_folder(host.name) if Path(host.name).is_dir() else None  # a merged model carries its own
+    if adapter is None or read_folder(adapter).kind == "merged":
+        folder = read_folder(adapter) if adapter is not None else own
+        return ChatModel(host.base, host.tokenizer, host.name, host.precision,
+                         folder=folder if folder and folder.kind == "merged" else None, host=host)
     name, method = host.attach(adapter)
+    info = read_folder(adapter)
     # The adapter folder carries the tokenizer and template it was trained with: serve exactly those.
-    has_tokenizer = (Path(adapter) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(adapter)) if has_tokenizer else host.tokenizer
+    tokenizer = load_tokenizer(str(adapter)) if info.has_tokenizer else host.tokenizer
     model = host.prefix[name] if method == "prefix" else host.lora
-    chat = ChatModel(model, tokenizer, host.name, host.precision, str(adapter), method,
-                     trained_prompt(adapter), host, name)
+    chat = ChatModel(model, tokenizer, host.name, host.precision, str(adapter), method, info, host, name)
     logger.info("chat model ready: %s", chat.describe())
     return chat
 
@@ -220,14 +231,36 @@ def load_chat_model(
 ) -> ChatModel:
     """Base model (default: the adapter's base, else the embedded model) plus an optional adapter."""
     if adapter:
-        adapter_info(adapter)  # a clear error when the folder is not an adapter
+        read_folder(adapter).require()  # a clear error when the folder cannot be served
     return chat_model(load_host(base_of(base_model, adapter), precision), adapter)
 
 
 def base_of(base_model: str | None, adapter: str | Path | None) -> str:
     """The base a chat model loads: the one given, else its adapter's, else the embedded model."""
-    base = base_model or (adapter_base(adapter) if adapter else None) or EMBEDDED
+    folder = read_folder(adapter) if adapter else None
+    if folder and folder.kind == "merged":  # a merged model is its own base
+        return str(adapter)
+    base = base_model or (folder.base if folder else None) or EMBEDDED
     return EMBEDDED if is_embedded(base) else base
+
+
+def base_generation_file(base: str) -> dict:
+    """base_generation() read from a base model's files without loading it ({} when it is not local)."""
+    from transformers import GenerationConfig
+
+    path = Path(resolve_model_path(base)) if is_embedded(base) or Path(base).is_dir() else None
+    if path is None or not (path / "generation_config.json").is_file():
+        return {}
+    diff = GenerationConfig.from_pretrained(str(path)).to_diff_dict()
+    return {k: diff[k] for k in SAMPLING_FIELDS if diff.get(k) is not None}
+
+
+def base_generation(model) -> dict:
+    """The sampling settings a base model's own generation_config.json sets (only what differs from
+    transformers' defaults: an unset field is the app's default, not transformers')."""
+    config = getattr(model, "generation_config", None)
+    diff = config.to_diff_dict() if config is not None else {}
+    return {k: diff[k] for k in SAMPLING_FIELDS if diff.get(k) is not None}
 
 
 def _in_short_thread(fn, *args):

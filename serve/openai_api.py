@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from assistant.adapters import with_system
+from assistant.adapters import messages_for
 from assistant.chat_format import encode_prompt
 from assistant.generation import GenerationParams, stream_reply
 from serve.access import AccessPolicy, same_origin
@@ -166,7 +166,7 @@ class OpenAIServer:
         except LookupError as error:  # removed or broken since it was listed
             raise self._no_model(req.model, str(error)) from None
         if chat.trained_prompt:  # a chat without a system message gets the one the adapter was trained with
-            messages = with_system(messages, chat.trained_prompt.text)
+            messages = messages_for(messages, chat.trained_prompt.text)
         params = GenerationParams(
             max_new_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
             temperature=1.0 if req.temperature is None else req.temperature,  # OpenAI's defaults

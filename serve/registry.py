@@ -17,16 +17,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from assistant.adapters import (
-    ADAPTER_CONFIG,
-    TrainedPrompt,
-    adapter_problem,
-    find_adapters,
-    folder_signature,
-    trained_prompt,
-)
+from assistant.adapters import TrainedPrompt, find_adapters, read_folder
 from assistant.generation import GenerationParams, stream_reply
-from assistant.loading import ChatModel, Host, base_of, chat_model, load_host
+from assistant.loading import ChatModel, Host, base_generation_file, base_of, chat_model, load_host
 from assistant.models import pick_precision
 
 logger = logging.getLogger(__name__)
@@ -73,8 +66,8 @@ class ModelRegistry:
         self.adapters_dir = Path(adapters_dir) if adapters_dir else None
         self.extra = [Path(e) for e in extra]
         for folder in self.extra:  # a typo on the command line stops the start, with the reason
-            if not (folder / ADAPTER_CONFIG).is_file():
-                raise FileNotFoundError(f"{folder}: not an adapter folder (no {ADAPTER_CONFIG})")
+            if read_folder(folder).kind is None:
+                raise FileNotFoundError(read_folder(folder).problem)
         self.base_model = base_model
         self.precision = precision
         self._lock = threading.Lock()  # guards the dicts below; never held while a model loads
@@ -134,9 +127,10 @@ class ModelRegistry:
             return
         listed, unavailable = {}, {}
         for label, folder in self._all_folders().items():
-            problem = adapter_problem(folder)
+            info = read_folder(folder)
+            problem = info.problem
             failed = self._failed.get(folder)
-            if problem is None and failed and failed[0] == folder_signature(folder):
+            if problem is None and failed and failed[0] == info.signature:
                 problem = failed[1]  # remembered until the folder changes
             if problem is None:
                 listed[label] = folder
@@ -153,7 +147,7 @@ class ModelRegistry:
         """The ChatModel for a menu choice, loading its base and attaching its adapter if needed."""
         choice = choice or self.default_choice()
         folder = self._folder(choice)
-        signature = folder_signature(folder) if folder else ()
+        signature = read_folder(folder).signature if folder else ()
         with self._loading[choice]:  # two first requests must not load the same choice twice
             cached = self._models.get(choice)
             if cached and cached[0] == signature:
@@ -200,7 +194,22 @@ class ModelRegistry:
 
     def trained_prompt(self, choice: str | None) -> TrainedPrompt | None:
         """The system prompt the chosen adapter was trained with (None: base model or not recorded)."""
-        return trained_prompt(self.adapters.get(choice or self.default_choice()))
+        folder = self.adapters.get(choice or self.default_choice())
+        if folder is None and self.base_model and Path(self.base_model).is_dir():  # a merged model as base
+            return read_folder(self.base_model).prompt
+        return read_folder(folder).prompt if folder else None
+
+    def generation_defaults(self, choice: str | None) -> dict:
+        """The sampling settings a choice is served with when a caller leaves them unset (its folder's
+        generation_config.json, else its base model's), without loading it when it is not loaded yet."""
+        choice = choice or self.default_choice()
+        cached = self._models.get(choice)
+        if cached is not None:
+            return cached[1].generation_defaults
+        folder = self.adapters.get(choice)
+        if folder is not None and read_folder(folder).generation:
+            return dict(read_folder(folder).generation)
+        return base_generation_file(base_of(self.base_model, folder))
 
     def stream(self, choice: str | None, messages: list[dict[str, str]], params: GenerationParams, *,
                cancel: threading.Event, use_adapter: bool = True,

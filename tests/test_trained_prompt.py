@@ -10,9 +10,9 @@ import pytest
 
 from assistant.adapters import (
     PROMPT_FILE,
+    messages_for,
     summarize_prompts,
     trained_prompt,
-    with_system,
     write_trained_prompt,
 )
 from assistant.batching import END
@@ -49,7 +49,7 @@ def test_the_recorded_prompt_is_the_one_most_rows_were_trained_with():
     assert (mixed.text, mixed.source, mixed.distinct) == ("X", "--system-prompt", 2)
     none = summarize_prompts([None], None, "template default")
     assert (none.text, none.source) == (None, "none")
-    assert with_system([{"role": "user", "content": "q"}], none.text) == [{"role": "user", "content": "q"}]
+    assert messages_for([{"role": "user", "content": "q"}], none.text) == [{"role": "user", "content": "q"}]
 
 
 class Recorder:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from assistant.adapters import TrainedPrompt, with_system
+from assistant.adapters import TrainedPrompt, messages_for
 from assistant.batching import MAX_BATCH
 from assistant.chat_format import encode_chat
 from assistant.generation import GenerationParams, complete_reply
@@ -97,7 +97,7 @@ def score(
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     text = system.text if system else None
-    examples = [replace(e, messages=with_system(e.messages, text)) for e in rows]
+    examples = [replace(e, messages=messages_for(e.messages, text)) for e in rows]
     nll, tokens = 0.0, 0
     for example in tqdm(examples, desc=f"{desc}, perplexity", unit="row"):
         # The model's lock: the generation engine may be inside disable_adapter() on its own thread.

@@ -8,7 +8,7 @@ import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from assistant.adapters import TrainedPrompt, summarize_prompts, with_system
+from assistant.adapters import TrainedPrompt, messages_for, summarize_prompts
 from assistant.chat_format import encode_chat, template_default_system
 from train.records import Example
 
@@ -86,7 +86,7 @@ def read_system_prompt(value: str | None) -> str | None:
 
 def with_system_prompt(examples: list[Example], system: str | None) -> list[Example]:
     """Examples with `system` as the system message of every row that has none (unchanged when None)."""
-    return [replace(e, messages=with_system(e.messages, system)) for e in examples]
+    return [replace(e, messages=messages_for(e.messages, system)) for e in examples]
 
 
 def trained_prompt_of(tokenizer, rows: list[Example], system: str | None) -> TrainedPrompt:

@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from assistant.adapters import TrainedPrompt, write_trained_prompt, written_by_trainer
+from assistant.adapters import TrainedPrompt, write_report, write_trained_prompt, written_by_trainer
 from assistant.chat_format import TemplateError
 from assistant.embedded import public_name
 from assistant.models import device, load_base_model, load_tokenizer, pick_precision
@@ -259,7 +259,7 @@ def run(config) -> str:
     from train.budget import TimeBudget
     from train.collate import ChatCollator
     from train.events import EventLog, TrainingEvents
-    from train.report import loss_curves, perplexity, plot_loss, write_report
+    from train.report import loss_curves, perplexity, plot_loss
     from train.trainer import ChatTrainer
     from train.verify import verify_adapter
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -49,6 +48,3 @@ def perplexity(loss: float | None) -> float | None:
     return None if loss is None else round(math.exp(min(loss, 50.0)), 3)
 
 
-def write_report(folder: Path, report: dict) -> None:
-    """Write training_report.json (stable key order, readable)."""
-    (folder / "training_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

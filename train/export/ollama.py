@@ -13,7 +13,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from assistant.adapters import with_system
+from assistant.adapters import messages_for
 from assistant.chat_format import TemplateError, render_chat
 from train.export.gotemplate import SPACE, render_go
 
@@ -291,7 +291,7 @@ def ollama_data(messages: list[dict[str, str]], system: str | None) -> dict:
 def check_template(tokenizer, template: str, system: str | None, conversations: list[list[dict]]) -> None:
     """Raise TemplateError unless Ollama renders each conversation exactly like the Jinja template."""
     for index, conversation in enumerate(conversations):
-        jinja = render_chat(tokenizer, with_system(conversation, system), add_generation_prompt=True)
+        jinja = render_chat(tokenizer, messages_for(conversation, system), add_generation_prompt=True)
         go = ollama_render(template, conversation, system)
         if jinja == go:
             continue

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from assistant.adapters import with_system
+from assistant.adapters import messages_for
 from assistant.batching import stop_ids
 from assistant.chat_format import encode_prompt, render_chat
 from assistant.generation import GenerationParams, reply_tokens
@@ -65,7 +65,7 @@ def round_trip(
     greedy = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
     prompts, logits = [], []
     for messages in chats:
-        messages = with_system(messages, system)
+        messages = messages_for(messages, system)
         ids = encode_prompt(chat.tokenizer, messages)
         ours = list(reply_tokens(chat, ids, greedy))
         logits.append(_our_logits(chat, ids, ours))
