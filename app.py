@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from assistant.logs import configure
-from ui.app import build_app, mount_openai_api
+from ui.app import build_app
 from ui.config import ChatConfig
 from ui.space import resolve_adapter, space_base_model
 
@@ -70,7 +70,7 @@ if __name__ == "__main__":
         demo.registry.get(demo.registry.default_choice())
     demo.launch(server_name=config.host, server_port=config.port, auth=config.credentials(),
                 prevent_thread_lock=True)
-    mount_openai_api(demo, config)
+    demo.server.mount(demo.app)
     # A stop sends SIGTERM, which skips atexit: exit through it, so a job that is training is paused.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     demo.block_thread()

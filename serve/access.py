@@ -77,7 +77,9 @@ class AccessPolicy:
         token = bearer_token(headers)
         if self.api_key and token and hmac.compare_digest(token.encode(), self.api_key.encode()):
             return None
-        if self.login and user:
+        # A logged-in session counts only on requests from the app's own pages: a page of another site
+        # must not be able to spend a logged-in user's session.
+        if self.login and user and same_origin(headers):
             return None
         if self.api_key:
             return Refusal(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>' with the "

@@ -21,9 +21,8 @@ Who may call: serve.access's rule, as for the rest of /v1 (training costs minute
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Literal
 
 from fastapi import APIRouter, Request
@@ -34,8 +33,9 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from serve.access import AccessPolicy
 from serve.files import FileError
+from serve.http import APIError, Gate, api_router, limited_stream, read_body
 from serve.jobs import ACTIVE, Job, JobError, JobRunner
-from serve.openai_api import MAX_BODY_BYTES, APIError, authorize
+from serve.openai_api import MAX_BODY_BYTES
 from serve.openai_schema import describe
 
 logger = logging.getLogger(__name__)
@@ -236,9 +236,8 @@ class FineTuningServer:
         max_upload_bytes: int = MAX_UPLOAD_BYTES,
     ):
         self.jobs, self.files = jobs, jobs.files
-        self.access, self.session_user = access or AccessPolicy(), session_user
         self.max_body_bytes, self.max_upload_bytes = max_body_bytes, max_upload_bytes
-        self.router = APIRouter(prefix="/v1")
+        self.router = api_router(Gate(access or AccessPolicy(), session_user))
         routes = [
             ("/files", self.upload, "POST"), ("/files", self.list_files, "GET"),
             ("/files/{file_id}", self.get_file, "GET"), ("/files/{file_id}", self.delete_file, "DELETE"),
@@ -251,18 +250,16 @@ class FineTuningServer:
             ("/fine_tuning/jobs/{job_id}/checkpoints", self.job_checkpoints, "GET"),
         ]
         for path, endpoint, method in routes:
-            self.router.add_api_route(path, _answering_errors(endpoint), methods=[method])
+            self.router.add_api_route(path, endpoint, methods=[method])
 
     # -- files -----------------------------------------------------------------------------------------
     async def upload(self, request: Request):
         """POST /v1/files (multipart: file, purpose)."""
-        self._authorize(request)
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise APIError(400, "Upload the file as multipart/form-data with the fields 'file' and 'purpose' "
                                 "(e.g. client.files.create(file=open('data.jsonl', 'rb'), purpose='fine-tune')).",
                            param="file")
-        self._refuse_declared_size(request, self.max_upload_bytes, self._upload_too_large)
-        parser = MultiPartParser(request.headers, self._limited(request, self.max_upload_bytes, self._upload_too_large),
+        parser = MultiPartParser(request.headers, limited_stream(request, self.max_upload_bytes, self._upload_too_large),
                                  max_files=1, max_fields=8)
         try:
             form = await parser.parse()
@@ -285,7 +282,6 @@ class FineTuningServer:
 
     async def list_files(self, request: Request):
         """GET /v1/files (purpose, order, after, limit)."""
-        self._authorize(request)
         items = [f.to_dict() for f in await run_in_threadpool(self.files.list)]
         purpose = request.query_params.get("purpose")
         if purpose:
@@ -299,12 +295,10 @@ class FineTuningServer:
 
     async def get_file(self, request: Request, file_id: str):
         """GET /v1/files/{file_id}."""
-        self._authorize(request)
         return (await run_in_threadpool(_files_call, self.files.get, file_id)).to_dict()
 
     async def delete_file(self, request: Request, file_id: str):
         """DELETE /v1/files/{file_id}; refused while a job that has not finished still reads the file."""
-        self._authorize(request)
 
         def delete() -> None:
             with self.jobs.lock:  # no job may start using the file between the check and the removal
@@ -323,8 +317,7 @@ class FineTuningServer:
     # -- jobs ------------------------------------------------------------------------------------------
     async def create_job(self, request: Request):
         """POST /v1/fine_tuning/jobs."""
-        self._authorize(request)
-        body = await self._read_body(request)
+        body = await read_body(request, self.max_body_bytes, self._body_too_large)
         try:
             req = JobRequest.model_validate_json(body)
         except ValidationError as error:
@@ -336,32 +329,26 @@ class FineTuningServer:
 
     async def list_jobs(self, request: Request):
         """GET /v1/fine_tuning/jobs (after, limit), newest first."""
-        self._authorize(request)
         return _page([j.to_openai() for j in await run_in_threadpool(self.jobs.list)], request, "jobs")
 
     async def get_job(self, request: Request, job_id: str):
         """GET /v1/fine_tuning/jobs/{job_id}."""
-        self._authorize(request)
         return (await run_in_threadpool(_jobs_call, self.jobs.get, job_id)).to_openai()
 
     async def cancel_job(self, request: Request, job_id: str):
         """POST /v1/fine_tuning/jobs/{job_id}/cancel."""
-        self._authorize(request)
         return (await run_in_threadpool(_jobs_call, self.jobs.cancel, job_id)).to_openai()
 
     async def pause_job(self, request: Request, job_id: str):
         """POST /v1/fine_tuning/jobs/{job_id}/pause: stop it, keeping its checkpoints to resume from."""
-        self._authorize(request)
         return (await run_in_threadpool(_jobs_call, self.jobs.pause, job_id)).to_openai()
 
     async def resume_job(self, request: Request, job_id: str):
         """POST /v1/fine_tuning/jobs/{job_id}/resume: continue a paused job from its last checkpoint."""
-        self._authorize(request)
         return (await run_in_threadpool(_jobs_call, self.jobs.resume, job_id)).to_openai()
 
     async def job_events(self, request: Request, job_id: str):
         """GET /v1/fine_tuning/jobs/{job_id}/events (after, limit), newest first."""
-        self._authorize(request)
         lines = await run_in_threadpool(_jobs_call, self.jobs.events, job_id)
         tag = job_id.removeprefix("ftjob-")
         counts = {"runner": 0, "train": 0}
@@ -374,7 +361,6 @@ class FineTuningServer:
 
     async def job_checkpoints(self, request: Request, job_id: str):
         """GET /v1/fine_tuning/jobs/{job_id}/checkpoints (after, limit), newest first."""
-        self._authorize(request)
 
         def checkpoints() -> list[dict]:
             job = _jobs_call(self.jobs.get, job_id)
@@ -383,29 +369,6 @@ class FineTuningServer:
         return _page(await run_in_threadpool(checkpoints), request, "checkpoints")
 
     # -- helpers ---------------------------------------------------------------------------------------
-    def _authorize(self, request: Request) -> None:
-        authorize(request, self.access, self.session_user)
-
-    async def _read_body(self, request: Request) -> bytes:
-        self._refuse_declared_size(request, self.max_body_bytes, self._body_too_large)
-        chunks = [c async for c in self._limited(request, self.max_body_bytes, self._body_too_large)]
-        return b"".join(chunks)
-
-    @staticmethod
-    def _refuse_declared_size(request: Request, limit: int, error: Callable[[], APIError]) -> None:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise error()  # before reading any of it
-
-    @staticmethod
-    async def _limited(request: Request, limit: int, error: Callable[[], APIError]) -> AsyncIterator[bytes]:
-        size = 0
-        async for chunk in request.stream():  # a chunked body has no Content-Length: count as it comes
-            size += len(chunk)
-            if size > limit:
-                raise error()
-            yield chunk
-
     def _upload_too_large(self) -> APIError:
         return APIError(413, f"The upload exceeds this server's limit of {_megabytes(self.max_upload_bytes)} MB "
                              "(the server's --max-upload-mb); split the file or raise the limit.",
@@ -416,29 +379,17 @@ class FineTuningServer:
                              "(the server's --max-request-kb).", code="request_too_large")
 
 
-def training_off_router(reason: str) -> APIRouter:
-    """Routes that answer every /v1/files and /v1/fine_tuning request with 403 and `reason`."""
-    router = APIRouter(prefix="/v1")
+def training_off_router(reason: str, gate: Gate | None = None) -> APIRouter:
+    """Routes that answer every /v1/files and /v1/fine_tuning request (of a caller `gate` lets in) with 403
+    and `reason`."""
+    router = api_router(gate)
 
     async def off(request: Request):
-        return APIError(403, reason, code="training_disabled").response()
+        raise APIError(403, reason, code="training_disabled")
 
     for path in ("/files", "/files/{rest:path}", "/fine_tuning/{rest:path}"):
         router.add_api_route(path, off, methods=["GET", "POST", "DELETE"])
     return router
-
-
-def _answering_errors(endpoint: Callable) -> Callable:
-    """The endpoint with APIError answered as OpenAI's error object (FastAPI keeps its signature)."""
-
-    @functools.wraps(endpoint)
-    async def answer(*args, **kwargs):
-        try:
-            return await endpoint(*args, **kwargs)
-        except APIError as error:
-            return error.response()
-
-    return answer
 
 
 def _files_call(fn: Callable, *args):

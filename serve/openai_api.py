@@ -16,60 +16,23 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from fastapi import Request
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from assistant.adapters import messages_for
 from assistant.chat_format import encode_prompt
-from assistant.generation import GenerationParams, stream_reply
-from serve.access import AccessPolicy, same_origin
-from serve.openai_schema import ChatRequest, describe
+from assistant.generation import stream_reply
+from serve.access import AccessPolicy
+from serve.http import APIError, Gate, api_router, read_body
+from serve.openai_schema import InvalidRequest, validate_chat
 from serve.registry import BASE_CHOICE, ModelRegistry
 
 logger = logging.getLogger(__name__)
 
 BASE_ID = "base"
-MAX_BODY_BYTES = 1024 * 1024  # default body limit (ChatConfig.max_request_kb)
+MAX_BODY_BYTES = 1024 * 1024  # default body limit (ServerConfig.max_request_kb)
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
-DEFAULT_MAX_TOKENS = 256
-
-
-class APIError(Exception):
-    """An error answered as OpenAI's error object."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        kind: str = "invalid_request_error",
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def response(self) -> JSONResponse:
-        """The JSON error response."""
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
-
-
-def authorize(
-    request: Request, access: AccessPolicy, session_user: Callable[[Request], str | None] | None = None
-) -> None:
-    """Raise APIError unless `access` lets this request's caller in (serve.access's rule)."""
-    user = None
-    # A session cookie counts only on requests from the app's own pages: a page of another site
-    # must not be able to spend a logged-in user's session on the API.
-    if access.login and session_user and same_origin(request.headers):
-        user = session_user(request)
-    peer = request.client.host if request.client else None
-    refusal = access.check(peer, request.headers, user)
-    if refusal:
-        logger.info("refused %s %s from %s: %s", request.method, request.url.path, peer, refusal.code)
-        raise APIError(refusal.status, refusal.message, code=refusal.code)
 
 
 class OpenAIServer:
@@ -83,10 +46,10 @@ class OpenAIServer:
         max_body_bytes: int = MAX_BODY_BYTES,
         session_user: Callable[[Request], str | None] | None = None,
     ):
-        # session_user: the logged-in Gradio user of a request (None: not logged in), for --auth-file.
-        self.registry, self.access = registry, access or AccessPolicy()
-        self.max_body_bytes, self.session_user = max_body_bytes, session_user
-        self.router = APIRouter(prefix="/v1")
+        # session_user: the logged-in user of a request (default: the Gradio app's login cookie).
+        self.registry = registry
+        self.max_body_bytes = max_body_bytes
+        self.router = api_router(Gate(access or AccessPolicy(), session_user))
         self.router.add_api_route("/models", self.models, methods=["GET"])
         self.router.add_api_route("/chat/completions", self.completions, methods=["POST"])
 
@@ -94,48 +57,31 @@ class OpenAIServer:
         """Ids a client may pass as `model`."""
         return [BASE_ID, *self.registry.adapters]
 
-    def _authorize(self, request: Request) -> None:
-        authorize(request, self.access, self.session_user)
-
     async def models(self, request: Request):
-        """GET /v1/models."""
-        try:
-            self._authorize(request)
-        except APIError as error:
-            return error.response()
+        """GET /v1/models; each adapter's object also says the system prompt it was trained with and its
+        generation settings (what this server applies when a request leaves them out)."""
+        return {"object": "list", "data": await run_in_threadpool(self._model_objects)}
+
+    def _model_objects(self) -> list[dict]:
         created = int(time.time())
-        data = [
-            {"id": m, "object": "model", "created": created, "owned_by": "local"} for m in self.model_ids()
-        ]
-        return {"object": "list", "data": data}
+        objects = []
+        for model in self.model_ids():
+            choice = BASE_CHOICE if model == BASE_ID else model
+            item = {"id": model, "object": "model", "created": created, "owned_by": "local"}
+            trained = self.registry.trained_prompt(choice)
+            if trained is not None and trained.text is not None:
+                item["trained_system_prompt"] = trained.text
+            item["generation_config"] = self.registry.generation_defaults(choice)
+            objects.append(item)
+        return objects
 
     async def completions(self, request: Request):
         """POST /v1/chat/completions, streaming (SSE) or not."""
-        try:
-            self._authorize(request)
-            body = await self._read_body(request)
-            call = await run_in_threadpool(self._prepare, body)
-        except APIError as error:
-            return error.response()
+        body = await read_body(request, self.max_body_bytes, self._too_large)
+        call = await run_in_threadpool(self._prepare, body)
         if call["stream"]:
             return StreamingResponse(self._sse(request, call), media_type="text/event-stream")
-        try:
-            return await self._complete_while_connected(request, call)
-        except APIError as error:
-            return error.response()
-
-    async def _read_body(self, request: Request) -> bytes:
-        """The body, refused with 413 as soon as it is known to exceed the limit (before it is parsed)."""
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise self._too_large()
-        chunks, size = [], 0
-        async for chunk in request.stream():  # a chunked body has no Content-Length: count as it comes
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise self._too_large()
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await self._complete_while_connected(request, call)
 
     def _too_large(self) -> APIError:
         return APIError(
@@ -148,33 +94,22 @@ class OpenAIServer:
     def _prepare(self, body: bytes) -> dict:
         """Validate the request and resolve its model; raises APIError."""
         try:
-            req = ChatRequest.model_validate_json(body)
-        except ValidationError as error:
-            param, message, code = describe(error)
-            raise APIError(400, message, param=param, code=code) from None
+            req = validate_chat(body)
+        except InvalidRequest as error:
+            raise APIError(400, error.message, param=error.param, code=error.code) from None
         if req.model not in self.model_ids():
             raise self._no_model(req.model)
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
-        ]
+        messages = req.plain_messages()
         if messages[-1]["role"] != "user":
             raise APIError(400, "the last message must come from the user", param="messages")
         try:
             chat = self.registry.get(BASE_CHOICE if req.model == BASE_ID else req.model)
         except LookupError as error:  # removed or broken since it was listed
             raise self._no_model(req.model, str(error)) from None
-        if chat.trained_prompt:  # a chat without a system message gets the one the adapter was trained with
-            messages = messages_for(messages, chat.trained_prompt.text)
-        params = GenerationParams(
-            max_new_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
-            temperature=1.0 if req.temperature is None else req.temperature,  # OpenAI's defaults
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=0,  # OpenAI has no top-k: 0 turns it off
-            repetition_penalty=1.0,
-            seed=req.seed,
-        )
+        messages = messages_for(messages, chat.trained_prompt)  # the one prompt rule
+        params = req.generation(chat.generation_defaults)
         prompt_tokens = len(encode_prompt(chat.tokenizer, messages))
         if prompt_tokens + params.max_new_tokens > chat.context_window:
             raise APIError(

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from assistant.generation import GenerationParams
+
 logger = logging.getLogger(__name__)
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
@@ -84,6 +86,9 @@ class ChatRequest(_Strict):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     # Checked for range, not applied: the runtime has a repetition penalty, not these two.
+    # vLLM's extensions (the app's sampler has them): unset, the model's generation_config.json decides.
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logprobs: bool | None = None
@@ -103,6 +108,18 @@ class ChatRequest(_Strict):
         if value:
             raise PydanticCustomError("unsupported", "logprobs are not supported by this server")
         return value
+
+    def generation(self, defaults: dict) -> GenerationParams:
+        """Sampling settings: what the request sets, else the model's generation defaults (vLLM's
+        `generation_config` convention), else the app's (GenerationParams.resolve)."""
+        return GenerationParams.resolve(
+            defaults, max_new_tokens=self.max_completion_tokens or self.max_tokens, temperature=self.temperature,
+            top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty, seed=self.seed,
+        )
+
+    def plain_messages(self) -> list[dict[str, str]]:
+        """[{"role", "content"}] with text contents (`developer` read as `system`)."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
     def stops(self) -> list[str]:
         """Stop sequences as a list."""
@@ -146,6 +163,30 @@ def describe(
     messages = dict.fromkeys(e["msg"] for p, e in group if p == param)
     text = " or ".join(m[0].lower() + m[1:] for m in messages)
     return param, f"Invalid '{param}': {text}.", _code(first["type"])
+
+
+def validate_chat(body: bytes | dict, renamed: dict[str, str] | None = None) -> ChatRequest:
+    """A chat request checked against OpenAI's schema, or ValueError(param, message, code) naming the field
+    (`renamed`: param names as the caller knows them, e.g. Gradio /chat's max_new_tokens for max_tokens)."""
+    try:
+        if isinstance(body, dict):
+            return ChatRequest.model_validate(body)
+        return ChatRequest.model_validate_json(body)
+    except ValidationError as error:
+        param, message, code = describe(error)
+        for ours, theirs in (renamed or {}).items():
+            if param and param.split("[")[0].split(".")[0] == ours:
+                message = message.replace(f"'{param}'", f"'{param.replace(ours, theirs, 1)}'")
+                param = param.replace(ours, theirs, 1)
+        raise InvalidRequest(param, message, code) from None
+
+
+class InvalidRequest(ValueError):
+    """A request that does not follow the schema: the field at fault (`param`), a message, OpenAI's code."""
+
+    def __init__(self, param: str | None, message: str, code: str | None):
+        super().__init__(message)
+        self.param, self.message, self.code = param, message, code
 
 
 def _code(kind: str) -> str:

@@ -2,7 +2,10 @@
 
 `python -m ui --backend-url URL` uses a RemoteRegistry instead of loading a model in-process: the
 menu lists the server's models, replies stream over the OpenAI chat-completions API, Stop closes
-the stream (the server then stops generating), and compare mode asks the server's base model.
+the stream (the server then stops generating), and compare mode asks the server's base model. Its trained system prompts are the server's business: the screen sends no
+system message for "as trained", so the server applies the one prompt rule itself; a server that says
+an adapter's trained prompt and generation settings on its model objects (this project's /v1/models
+does) gets them shown on the screen and its sliders.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 
+from assistant.adapters import TrainedPrompt
 from assistant.generation import GenerationParams
 from serve.registry import BASE_CHOICE
 
@@ -39,9 +43,12 @@ class RemoteRegistry:
         self.url = url.rstrip("/")
         self.client = OpenAI(base_url=self.url, api_key=api_key or "none", max_retries=1)
         try:
-            ids = [m.id for m in self.client.models.list().data]
+            models = self.client.models.list().data
         except OpenAIError as error:
             raise ValueError(f"{self.url}: cannot list the backend's models: {error}") from error
+        ids = [m.id for m in models]
+        # This project's server says what it serves each model with; others (vLLM) say nothing.
+        self.extras = {m.id: dict(m.model_extra or {}) for m in models}
         if not ids:
             raise ValueError(f"{self.url}: the server lists no models")
         self.base_id = next((i for i in ids if i in BASE_IDS), ids[0])
@@ -71,9 +78,16 @@ class RemoteRegistry:
         """Status line: which remote model answers."""
         return self.get(choice).describe()
 
-    def trained_prompt(self, choice: str | None) -> None:
-        """Unknown here: the remote server applies an adapter's trained prompt to chats without one."""
-        return None
+    def trained_prompt(self, choice: str | None) -> TrainedPrompt | None:
+        """The prompt the server says the model was trained with (None when it does not say); the server
+        applies it itself to a chat that has no system message."""
+        text = self.extras.get(self.model_id(choice), {}).get("trained_system_prompt")
+        return TrainedPrompt(text, "the server") if isinstance(text, str) else None
+
+    def generation_defaults(self, choice: str | None) -> dict:
+        """The generation settings the server says it serves the model with ({} when it does not say)."""
+        settings = self.extras.get(self.model_id(choice), {}).get("generation_config")
+        return dict(settings) if isinstance(settings, dict) else {}
 
     def stream(self, choice: str, messages: list[dict[str, str]], params: GenerationParams, *,
                cancel: threading.Event, use_adapter: bool = True,
@@ -86,6 +100,8 @@ class RemoteRegistry:
                 model=self.model_id(choice, use_adapter), messages=messages, stream=True,
                 temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
                 seed=params.seed,
+                # vLLM's sampling extensions, which this project's /v1 takes too: the screen's sliders hold.
+                extra_body={"top_k": params.top_k, "repetition_penalty": params.repetition_penalty},
             )
         except OpenAIError as error:  # shown to the user like any other generation error
             raise ValueError(f"{self.url}: {error}") from error

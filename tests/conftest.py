@@ -164,20 +164,19 @@ def lora_adapter(tmp_path_factory) -> Path:
 def app_server(lora_adapter, tmp_path_factory) -> Server:
     """The real app on a free localhost port: the embedded model (chosen) plus the test adapter in the
     menu, short greedy replies."""
-    from assistant.generation import GenerationParams
     from serve.registry import BASE_CHOICE, ModelRegistry
-    from ui.app import build_app, mount_openai_api
+    from ui.app import build_app
     from ui.config import ChatConfig
 
     # Its own jobs folder: the repository's jobs/ is for a developer's app (one server per jobs folder).
     config = ChatConfig(adapters_dir=str(lora_adapter.parent), max_queue=8,
                         jobs_dir=str(tmp_path_factory.mktemp("jobs")))
     registry = ModelRegistry(config.adapters_dir, default=BASE_CHOICE)
-    demo = build_app(config, defaults=GenerationParams(max_new_tokens=24, temperature=0.0), registry=registry)
+    demo = build_app(config, defaults={"max_new_tokens": 24, "temperature": 0.0}, registry=registry)
     demo.registry.get(demo.registry.default_choice())  # load now, not inside the first test's timing
     port = free_port()
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    mount_openai_api(demo, config)  # the OpenAI-compatible API, served by the same server
+    demo.server.mount(demo.app)  # the OpenAI-compatible API, served by the same server
     yield Server(url.rstrip("/") + "/", demo, demo.registry)
     demo.close()
 

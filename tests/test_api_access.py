@@ -37,6 +37,9 @@ class FakeRegistry:
     def trained_prompt(self, choice):
         return None
 
+    def generation_defaults(self, choice) -> dict:
+        return {}
+
     def get(self, choice):
         return SimpleNamespace(describe=lambda: "fake")
 
@@ -119,8 +122,8 @@ def test_with_a_login_a_session_from_the_apps_own_pages_may_call_the_api():
 
 
 def test_a_gradio_login_opens_v1_and_nothing_else_does(monkeypatch):
-    """The real Gradio login route sets the cookie that ui.app.gradio_user finds in Gradio's tokens."""
-    from ui.app import openai_server
+    """The real Gradio login route sets the cookie that serve.http.gradio_user finds in Gradio's tokens."""
+    from serve.openai_api import OpenAIServer
 
     monkeypatch.setenv("ASSISTANT_AUTH", "ann:pw-1")
     monkeypatch.delenv("ASSISTANT_API_KEY", raising=False)
@@ -130,7 +133,7 @@ def test_a_gradio_login_opens_v1_and_nothing_else_does(monkeypatch):
     demo.registry = FakeRegistry()
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), auth=config.credentials(),
                             prevent_thread_lock=True, quiet=True)
-    demo.app.include_router(openai_server(demo, config).router)
+    demo.app.include_router(OpenAIServer(demo.registry, config.access_policy()).router)
     try:
         with httpx.Client(base_url=url) as client:
             assert client.get("v1/models").status_code == 403, "a local caller without a login is refused"

@@ -16,6 +16,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from assistant.generation import GenerationParams
 from serve.openai_api import OpenAIServer
 from tests.conftest import free_port, wait_for
 
@@ -36,13 +37,14 @@ class FakeRegistry:
 
     adapters = {"pirate": "adapters/pirate", "broken": "adapters/broken"}
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, generation: dict | None = None):
+        self.tokenizer, self.generation = tokenizer, generation or {}
 
     def get(self, choice):
         if choice == "broken":  # as ModelRegistry raises for a listed adapter that fails to load
             raise LookupError("adapter 'broken' is unavailable: adapters/broken: no adapter weights")
-        return SimpleNamespace(tokenizer=self.tokenizer, context_window=2048, trained_prompt=None)
+        return SimpleNamespace(tokenizer=self.tokenizer, context_window=2048, trained_prompt=None,
+                               generation_defaults=self.generation)
 
 
 @pytest.fixture
@@ -63,6 +65,20 @@ def app(tokenizer) -> FastAPI:
     api = FastAPI()
     api.include_router(OpenAIServer(FakeRegistry(tokenizer), max_body_bytes=LIMIT).router)
     return api
+
+
+def test_unset_parameters_come_from_the_models_generation_config(tokenizer, calls):
+    """vLLM's convention: what a request leaves out is the served model's generation_config.json, what it
+    sets wins (a greedy adapter with its own repetition penalty, as train.sft writes one)."""
+    api = FastAPI()
+    greedy = {"do_sample": False, "repetition_penalty": 1.05, "top_k": 20, "max_new_tokens": 99}
+    api.include_router(OpenAIServer(FakeRegistry(tokenizer, greedy)).router)
+    assert post(api, {"model": "pirate", "messages": HELLO}).status_code == 200
+    assert post(api, {"model": "pirate", "messages": HELLO, "temperature": 0.3, "repetition_penalty": 1.2,
+                      "top_k": 0, "max_tokens": 5}).status_code == 200
+    unset, given = calls[0]["params"], calls[1]["params"]
+    assert (unset.temperature, unset.repetition_penalty, unset.top_k, unset.max_new_tokens) == (0.0, 1.05, 20, 99)
+    assert (given.temperature, given.repetition_penalty, given.top_k, given.max_new_tokens) == (0.3, 1.2, 0, 5)
 
 
 def post(app: FastAPI, body) -> httpx.Response:
@@ -145,7 +161,7 @@ def test_well_formed_requests_with_nulls_and_unknown_fields_are_served(app, call
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == "Red, green and blue."
     params = calls[0]["params"]
-    assert (params.temperature, params.top_p, params.max_new_tokens, params.seed) == (1.0, 1.0, 256, None)
+    assert params == GenerationParams.resolve({}), "unset: the model's generation settings (here the app's)"
 
     parts = [{"role": "developer", "content": "Be brief."}, {"role": "assistant", "content": None},
              {"role": "user", "content": [{"type": "text", "text": "Name "}, {"type": "text", "text": "colours."}]}]
@@ -204,23 +220,55 @@ def _asgi_post(app: FastAPI, chunks: list[bytes], headers: list[tuple[bytes, byt
     return status, json.loads(body)
 
 
-def test_a_body_over_the_limit_is_refused_from_its_content_length_before_it_is_read(app, calls):
+def test_a_body_over_the_limit_is_refused_from_its_content_length_before_it_is_parsed(app, calls, monkeypatch):
     receives: list = []
     status, body = _asgi_post(app, [b"x" * 100] * 2, [(b"content-length", str(LIMIT + 1).encode())], receives)
     assert status == 413 and body["error"]["code"] == "request_too_large"
     assert body["error"]["type"] == "invalid_request_error" and "KB" in body["error"]["message"]
-    assert receives == [], "refused on the header alone"
+    assert calls == [], "no model work"
+    assert len(receives) == 2, "the rest is read and dropped, so the client finishes sending and reads the 413"
+    monkeypatch.setattr("serve.http.DRAIN_MAX_BYTES", LIMIT)
+    receives.clear()
+    status, _ = _asgi_post(app, [b"x" * 100] * 2, [(b"content-length", str(LIMIT + 1).encode())], receives)
+    assert status == 413 and receives == [], "a body too large even to drain is refused on the header alone"
 
 
 def test_a_chunked_body_over_the_limit_is_refused_while_it_is_read(app, calls):
     receives: list = []
     chunks = [b" " * 1024] * 100  # 100 KB of (valid) JSON whitespace, no Content-Length
     status, body = _asgi_post(app, chunks, [(b"transfer-encoding", b"chunked")], receives)
-    assert status == 413 and body["error"]["code"] == "request_too_large"
-    assert len(receives) <= LIMIT // 1024 + 1, "reading stops at the limit"
+    assert status == 413 and body["error"]["code"] == "request_too_large" and calls == []
     ok = json.dumps({"model": "base", "messages": HELLO}).encode()
     status, _ = _asgi_post(app, [ok[:10], ok[10:]], [(b"transfer-encoding", b"chunked")], [])
     assert status == 200, "a chunked body under the limit is served"
+
+
+def test_a_client_sending_a_large_body_reads_the_413_not_a_broken_pipe(app, calls):
+    """Over a real socket, with the standard library's client (which sends the whole body before it reads):
+    an 8 MB message gets the error object, not a connection reset under its upload."""
+    import urllib.error
+    import urllib.request
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 10)
+        big = json.dumps({"model": "base", "messages": [{"role": "user", "content": "x" * 8_000_000}]}).encode()
+        for _ in range(3):  # every time, not by luck of timing
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=big,
+                                             headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            assert refused.value.code == 413
+            assert json.loads(refused.value.read())["error"]["code"] == "request_too_large"
+        assert calls == []
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 @pytest.fixture

@@ -184,7 +184,7 @@ def test_compare_mode_decodes_the_adapter_and_the_base_model_in_one_batch(adapte
     host = registry.get("pirate").host
     runner, batches = host.runner, []
     monkeypatch.setattr(host, "runner", lambda group, names: batches.append(list(names)) or runner(group, names))
-    settings = Settings("pirate", "", GREEDY, compare=True)  # no system prompt: HELLO as it is
+    settings = Settings("pirate", None, GREEDY, compare=True)  # no system prompt: HELLO as it is
     *_, (history, base) = stream_turn(registry, Stopper(), settings, HELLO, HELLO)
     assert history[-1]["content"] == solo["pirate"] and base[-1]["content"] == solo[BASE_CHOICE]
     assert sorted(batches[0], key=str) == sorted([registry.get("pirate").adapter_name, None], key=str), batches

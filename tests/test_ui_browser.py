@@ -187,7 +187,6 @@ def trained_prompt_page(browser, lora_adapter, tmp_path):
     import shutil
 
     from assistant.adapters import summarize_prompts, write_trained_prompt
-    from assistant.generation import GenerationParams
     from serve.registry import BASE_CHOICE, ModelRegistry
     from tests.conftest import free_port
     from ui.app import build_app
@@ -197,7 +196,7 @@ def trained_prompt_page(browser, lora_adapter, tmp_path):
     write_trained_prompt(tmp_path / "support", summarize_prompts([None], "You answer as a pirate.", "--system-prompt"))
     registry = ModelRegistry(tmp_path, default=BASE_CHOICE)
     demo = build_app(ChatConfig(adapters_dir=str(tmp_path), no_training=True), registry=registry,
-                     defaults=GenerationParams(max_new_tokens=8, temperature=0.0))
+                     defaults={"max_new_tokens": 8, "temperature": 0.0})
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     context = browser.new_context()
     page = context.new_page()

@@ -10,7 +10,7 @@ from serve.registry import BASE_CHOICE
 from ui.chat import Settings
 from ui.config import ChatConfig
 from ui.history import cut_for_edit, cut_for_retry, cut_for_undo, last_user_index, model_messages, plain
-from ui.prompts import list_prompts
+from ui.prompts import AS_TRAINED, list_prompts
 from ui.stopping import StopSignals
 
 CHAT = [
@@ -47,7 +47,7 @@ def test_plain_flattens_gradio_message_parts():
 
 
 def test_model_messages_put_the_system_prompt_first():
-    assert model_messages("  ", CHAT) == CHAT
+    assert model_messages(None, CHAT) == CHAT, "None: no system message (the served model's trained one applies)"
     messages = model_messages("Be brief.", [{"role": "system", "content": "old"}, *CHAT])
     assert messages[0] == {"role": "system", "content": "Be brief."} and messages[1:] == CHAT
     assert model_messages("Be brief.\n", CHAT)[0]["content"] == "Be brief.\n", "exactly as trained"
@@ -61,11 +61,20 @@ def test_retry_undo_edit_cuts():
 
 
 def test_settings_from_the_panel():
-    settings = Settings.of("pirate", True, "sys", 0.0, 0.9, 40, 1.1, 64.0, -1)
+    settings = Settings.of("pirate", True, "custom", "sys", 0.0, 0.9, 40, 1.1, 64.0, -1)
     assert settings.compare and settings.params.seed is None and settings.params.max_new_tokens == 64
     assert settings.params.generate_kwargs()["do_sample"] is False
-    assert Settings.of(BASE_CHOICE, True, "", 0.7, 0.9, 40, 1.1, 64, 7).compare is False
-    assert Settings.of(BASE_CHOICE, False, "", 0.7, 0.9, 40, 1.1, 64, 7).params.seed == 7
+    assert settings.system == "sys"
+    assert Settings.of(BASE_CHOICE, True, "general", "", 0.7, 0.9, 40, 1.1, 64, 7).compare is False
+    assert Settings.of(BASE_CHOICE, False, "general", "", 0.7, 0.9, 40, 1.1, 64, 7).params.seed == 7
+
+
+def test_as_trained_sends_no_system_message():
+    """"as trained" (or an empty box) sends no system message, so the one prompt rule applies the trained prompt
+    wherever the model is served (in process, or behind --backend-url, where this app cannot add it)."""
+    assert Settings.of("pirate", False, AS_TRAINED, "Arr, the trained prompt.", 0, 1, 0, 1, 8, -1).system is None
+    assert Settings.of("pirate", False, "custom", "  ", 0, 1, 0, 1, 8, -1).system is None
+    assert Settings.of("pirate", False, "general", "You are helpful.", 0, 1, 0, 1, 8, -1).system == "You are helpful."
 
 
 SECRET_ENV = ("ASSISTANT_AUTH", "ASSISTANT_API_KEY", "ASSISTANT_BACKEND_KEY")

@@ -9,7 +9,8 @@ import sys
 from transformers import HfArgumentParser
 
 from assistant.logs import configure
-from ui.config import ChatConfig, removed_secret_flag
+from serve.config import removed_secret_flag
+from ui.config import ChatConfig
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     """Build the app, load the default model, serve it and print its URL."""
     configure(logging.INFO)
     config = parse_config(argv)
-    from ui.app import (  # after parsing, so --help answers without importing gradio and torch
-        build_app,
-        mount_openai_api,
-    )
+    from ui.app import build_app  # after parsing, so --help answers without importing gradio and torch
 
     try:
         auth = config.credentials()
@@ -53,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         server_name=config.host, server_port=config.port, auth=auth, share=config.share,
         prevent_thread_lock=True, quiet=True,
     )
-    mount_openai_api(demo, config)
+    demo.server.mount(demo.app)
     # `kill` / docker stop send SIGTERM, which skips atexit: exit through it, so a fine-tuning job that is
     # training is paused (resumable) instead of left running with no server watching it.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

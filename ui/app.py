@@ -15,6 +15,10 @@ The one public API endpoint, /chat, streams the growing reply text:
     for text in job:  # "Hi", "Hi there", ...; optional: history=[{"role", "content"}...],
         print(text)   # system_prompt="...", adapter="<menu name>", max_new_tokens=256, temperature=0.0
 
+Unset, the system prompt and the generation settings are the served model's own (its trained prompt and
+generation_config.json), exactly as on /v1; values are checked with /v1's schema (a bad one is an error
+that names it).
+
 It follows the same access rule as /v1 (serve.access): keyless only from this machine, else
 `Client(url, headers={"Authorization": "Bearer KEY"})`; with a login (--auth-file), Gradio asks for the login first
 and a logged-in client (`auth=(user, password)`) needs no key.
@@ -22,18 +26,16 @@ and a logged-in client (`auth=(user, password)`) needs no key.
 
 from __future__ import annotations
 
-import atexit
-import logging
 import os
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import gradio as gr
 
 from assistant.batching import MAX_BATCH
 from assistant.generation import GenerationParams
+from serve.jobs import JobRunner
 from serve.registry import ModelRegistry
+from serve.remote import RemoteRegistry
+from serve.server import _UNSET, Server
 from ui.config import ChatConfig
 from ui.export_panel import ExportPanel
 from ui.handlers import EMPTY_STORE, Handlers, save, status_text, toggle_compare
@@ -42,12 +44,6 @@ from ui.prompts import CUSTOM_PROMPT
 from ui.stopping import StopSignals
 from ui.train_tab import TrainTab
 
-if TYPE_CHECKING:
-    from serve.jobs import JobRunner
-    from serve.openai_api import OpenAIServer
-
-logger = logging.getLogger(__name__)
-
 STORAGE_KEY = "chat-assistant-history"
 CHAT_TAB, TRAIN_TAB = "chat", "train"
 
@@ -55,24 +51,28 @@ CHAT_TAB, TRAIN_TAB = "chat", "train"
 def build_app(
     config: ChatConfig,
     *,
-    defaults: GenerationParams | None = None,
-    gpu: Callable[[Callable], Callable] | None = None,
-    registry: ModelRegistry | None = None,
-    jobs: JobRunner | None = None,
+    defaults: dict | None = None,
+    gpu=None,
+    server: Server | None = None,
+    registry: ModelRegistry | RemoteRegistry | None = None,
+    jobs: JobRunner | None | object = _UNSET,
 ) -> gr.Blocks:
-    """The Gradio app for `config`; `defaults` set the sliders, `gpu` wraps generating functions (Spaces),
-    `jobs` runs the Train tab's fine-tuning jobs (default: job_runner(config))."""
-    registry = registry or make_registry(config)
-    jobs = jobs if jobs is not None else job_runner(config, registry)
-    handlers = Handlers(registry, StopSignals(), gpu or (lambda fn: fn), access=config.access_policy())
-    train = TrainTab(jobs, registry, config.access_policy()) if jobs is not None else None
+    """The Gradio app for `config`'s server (serve.server.Server; `registry` and `jobs` stand in for its
+    own); `defaults` override the sliders' start (e.g. {"max_new_tokens": 12}: they start from the chosen
+    model's generation settings); `gpu` wraps generating functions (Spaces). After `launch`, `demo.server.mount(demo.app)` adds the
+    OpenAI-compatible API."""
+    server = server or Server(config, registry=registry, jobs=jobs)
+    registry = server.registry
+    handlers = Handlers(registry, StopSignals(), gpu or (lambda fn: fn), access=server.access,
+                        slider_overrides=defaults)
+    train = TrainTab(server.jobs, registry, server.access) if server.jobs is not None else None
     # Only in-process adapters have folders to export; a --backend-url client has none.
-    export = ExportPanel(registry, config.access_policy()) if isinstance(registry, ModelRegistry) else None
+    export = ExportPanel(registry, server.access) if server.local else None
     # PolicedBlocks: its server forbids images from other origins (ui.inert).
     with PolicedBlocks(title="Chat assistant") as demo:
         with gr.Tabs(selected=CHAT_TAB, elem_id="tabs") as tabs:
             with gr.Tab("Chat", id=CHAT_TAB, elem_id="chat-tab"):
-                ui = _layout(registry, handlers, defaults or GenerationParams(), export)
+                ui = _layout(registry, handlers, export)
             if train is not None:
                 with gr.Tab("Train", id=TRAIN_TAB, elem_id="train-tab"):
                     train.layout()
@@ -85,89 +85,11 @@ def build_app(
     # Up to a batch of requests run at once (the runtime generates requests that arrive together in one
     # batch); the others wait in the queue, which shows their position, and beyond max_size are turned away.
     demo.queue(max_size=config.max_queue, default_concurrency_limit=MAX_BATCH)
+    demo.server = server  # the models, jobs and access rule behind the screens; mounts the API
     demo.registry = registry  # the caller may warm a model or inspect what is loaded
-    demo.jobs = jobs  # the fine-tuning jobs (None: no training here); the caller closes it on shutdown
+    demo.jobs = server.jobs  # the fine-tuning jobs (None: no training here); the caller closes it on shutdown
     demo.export_panel = export  # None: no local adapters to export
     return demo
-
-
-def job_runner(config: ChatConfig, registry=None, *, extra_args: list[str] | None = None) -> JobRunner | None:
-    """The fine-tuning job runner over config's jobs and adapters folders, shared by the Train tab and
-    /v1/fine_tuning; None with --backend-url (no models here), --no-training, or when another server
-    runs the jobs of that folder. `extra_args` go to every train.sft run (e.g. faster probes in tests)."""
-    if config.backend_url or config.no_training:
-        return None
-    from serve.files import FileStore
-    from serve.jobs import JobError, JobRunner
-
-    rescan = getattr(registry, "rescan", None)  # a published adapter is listed before the job reads succeeded
-    root = Path(config.jobs_dir)
-    try:
-        runner = JobRunner(root, config.adapters_dir, FileStore(root / "files"), base_model=config.base_model,
-                           extra_args=extra_args, on_published=(lambda name: rescan()) if rescan else None)
-    except JobError as taken:  # another server runs the jobs of this folder
-        logger.warning("fine-tuning is off: %s; start this app with its own --jobs-dir", taken)
-        return None
-    atexit.register(runner.close)  # a job still training is paused (resumable), not left running unseen
-    return runner
-
-
-def make_registry(config: ChatConfig):
-    """In-process models, or the models of the remote server given by --backend-url."""
-    if config.backend_url:
-        from serve.remote import RemoteRegistry
-
-        return RemoteRegistry(config.backend_url, config.backend_key())
-    return ModelRegistry(config.adapters_dir, config.adapter, base_model=config.base_model, precision=config.precision)
-
-
-def mount_openai_api(demo: gr.Blocks, config: ChatConfig) -> None:
-    """Serve /v1/chat/completions, /v1/models and the fine-tuning API (/v1/files, /v1/fine_tuning) from the
-    running app (in-process models only)."""
-    if not isinstance(demo.registry, ModelRegistry):  # type: ignore[attr-defined]
-        return
-    demo.app.include_router(openai_server(demo, config).router)
-    from serve.fine_tuning_api import FineTuningServer, training_off_router
-
-    jobs = getattr(demo, "jobs", None)
-    if jobs is None:
-        reason = ("Fine-tuning is turned off on this server (it was started with --no-training); start it "
-                  "without --no-training to train." if config.no_training else
-                  f"Fine-tuning is unavailable on this server: another server process runs the jobs of "
-                  f"{config.jobs_dir}; start this one with its own --jobs-dir.")
-        demo.app.include_router(training_off_router(reason))
-        return
-    demo.app.include_router(FineTuningServer(
-        jobs,
-        config.access_policy(),
-        session_user=lambda request: gradio_user(demo.app, request),
-        max_body_bytes=config.max_request_kb * 1024,
-        max_upload_bytes=int(config.max_upload_mb * 1024 * 1024),
-    ).router)
-
-
-def openai_server(demo: gr.Blocks, config: ChatConfig) -> OpenAIServer:
-    """The OpenAI API over the launched `demo`'s models, under `config`'s access rule and body limit."""
-    from serve.openai_api import OpenAIServer
-
-    return OpenAIServer(
-        demo.registry,  # type: ignore[attr-defined]
-        config.access_policy(),
-        max_body_bytes=config.max_request_kb * 1024,
-        session_user=lambda request: gradio_user(demo.app, request),
-    )
-
-
-def gradio_user(app, request) -> str | None:
-    """The user logged in to the Gradio app (--auth-file) on this request, as Gradio's own /user route finds
-    it: the `access-token` cookie of this app, looked up in the app's tokens."""
-    cookie_id = getattr(app, "cookie_id", None)
-    if cookie_id is None:
-        return None
-    token = request.cookies.get(f"access-token-{cookie_id}") or request.cookies.get(
-        f"access-token-unsecure-{cookie_id}"
-    )
-    return getattr(app, "tokens", {}).get(token) if token else None
 
 
 class _Widgets:
@@ -178,12 +100,11 @@ class _Widgets:
 
     def settings(self) -> list:
         """Inputs every generating event reads, in Settings.of order."""
-        return [self.choice, self.compare, self.system, self.temperature, self.top_p, self.top_k,
+        return [self.choice, self.compare, self.prompt, self.system, self.temperature, self.top_p, self.top_k,
                 self.repetition_penalty, self.max_new_tokens, self.seed]
 
 
-def _layout(registry: ModelRegistry, handlers: Handlers, defaults: GenerationParams,
-            export: ExportPanel | None = None) -> _Widgets:
+def _layout(registry: ModelRegistry, handlers: Handlers, export: ExportPanel | None = None) -> _Widgets:
     choice = registry.default_choice()
     prompt_names, first_prompt = handlers.prompt_menu(choice)
     w: dict = {}
@@ -214,7 +135,8 @@ def _layout(registry: ModelRegistry, handlers: Handlers, defaults: GenerationPar
             w["system"] = gr.Textbox(handlers.prompt_text(first_prompt, choice, ""), lines=4, max_lines=12,
                                      label="System prompt text", elem_id="system")
             w["prompt_note"] = gr.Markdown(visible=False, elem_id="prompt-note")
-            _sliders(w, defaults)
+            # The sliders start from the settings the chosen model is served with (its generation_config.json).
+            _sliders(w, handlers.slider_settings(choice))
     # A fixed key keeps the history across restarts too when $ASSISTANT_BROWSER_SECRET pins the secret.
     w["saved"] = gr.BrowserState(EMPTY_STORE, storage_key=STORAGE_KEY,
                                  secret=os.environ.get("ASSISTANT_BROWSER_SECRET"))
@@ -271,6 +193,8 @@ def _wire(demo: gr.Blocks, w: _Widgets, h: Handlers) -> None:
     # A new adapter brings the system prompt it was trained with; any other prompt shows a one-line note.
     w.choice.change(h.use_trained_prompt, [w.choice, w.prompt, w.system], [w.prompt, w.system], queue=False,
                     **private).then(h.prompt_note, [w.choice, w.system], w.prompt_note, queue=False, **private)
+    w.choice.change(h.generation_sliders, w.choice,
+                    [w.temperature, w.top_p, w.top_k, w.repetition_penalty, w.max_new_tokens], queue=False, **private)
     w.prompt.input(h.prompt_text, [w.prompt, w.choice, w.system], w.system, queue=False, **private)
     w.system.input(lambda: CUSTOM_PROMPT, None, w.prompt, queue=False, **private)
     w.system.change(h.prompt_note, [w.choice, w.system], w.prompt_note, queue=False, **private)

@@ -14,6 +14,7 @@ import gradio as gr
 from assistant.generation import GenerationParams
 from serve.registry import BASE_CHOICE, ModelRegistry
 from ui.history import Message, model_messages
+from ui.prompts import AS_TRAINED
 from ui.stopping import Stopper
 
 logger = logging.getLogger(__name__)
@@ -24,23 +25,26 @@ class Settings:
     """What the side panel chose for a request."""
 
     choice: str
-    system: str
+    system: str | None  # the system message to send; None: none (the model's trained prompt applies)
     params: GenerationParams
     compare: bool = False
 
     @classmethod
     def of(
-        cls, choice: str, compare: bool, system: str, temperature: float, top_p: float, top_k: int,
+        cls, choice: str, compare: bool, prompt: str, system: str, temperature: float, top_p: float, top_k: int,
         repetition_penalty: float, max_new_tokens: int, seed: float | None,
     ) -> Settings:
-        """Build from the panel's widget values (a negative or empty seed means random)."""
+        """Build from the panel's widget values (a negative or empty seed means random). With the prompt menu
+        on "as trained" (or an empty box) no system message is sent: wherever the model is served, in this
+        process or behind --backend-url, the one prompt rule then gives it the prompt it was trained with."""
         params = GenerationParams(
             max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
             top_k=int(top_k), repetition_penalty=float(repetition_penalty),
             seed=None if seed is None or seed < 0 else int(seed),
         )
         # Compare mode needs an adapter to switch off; with the base model chosen it is plain chat.
-        return cls(choice, system or "", params, bool(compare) and choice != BASE_CHOICE)
+        own = None if prompt == AS_TRAINED or not (system or "").strip() else system
+        return cls(choice, own, params, bool(compare) and choice != BASE_CHOICE)
 
 
 def trim_notice(dropped: int) -> None:

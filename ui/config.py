@@ -1,138 +1,14 @@
-"""The chat app's one configuration, shared by `python -m ui`, the Space's app.py and the tests.
-
-Secrets (API keys, the login) come from environment variables or files, never from the command line:
-argv shows in `ps`, in shell history and in logs of whatever started the process.
-"""
+"""The chat app's configuration: the server's (serve.config) plus what only the screens need."""
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
 
-from serve.access import AccessPolicy
-
-logger = logging.getLogger(__name__)
-
-# Options that took a secret on the command line, and where the secret goes now.
-REMOVED_SECRET_FLAGS = {
-    "--api-key": "$ASSISTANT_API_KEY or --api-key-file FILE",
-    "--auth": "$ASSISTANT_AUTH or --auth-file FILE",
-    "--backend-key": "$ASSISTANT_BACKEND_KEY or --backend-key-file FILE",
-}
+from serve.config import ServerConfig
 
 
 @dataclass
-class ChatConfig:
+class ChatConfig(ServerConfig):
     """Command-line options of `python -m ui` (parsed with transformers.HfArgumentParser)."""
 
-    adapter: list[str] = field(
-        default_factory=list,
-        # "extend" so both `--adapter A --adapter B` and `--adapter A B` give [A, B].
-        metadata={"help": "Adapter folder to offer in the adapter menu (repeatable).", "action": "extend"},
-    )
-    base_model: str | None = field(
-        default=None,
-        metadata={"help": "Base model: 'embedded', a Hub id or a folder; unset, each adapter uses its own "
-                          "base and 'base model' is the embedded SmolLM2-135M-Instruct."},
-    )
-    precision: Literal["auto", "fp32", "bf16", "fp16", "int4", "8bit", "4bit"] = field(
-        default="auto",
-        metadata={"help": "Weight precision. auto: on a GPU 8-bit (bitsandbytes); on a CPU with bf16 units "
-                          "int4 for the embedded model (its weights are 4-bit already), bf16 for others, "
-                          "else fp32. int4: 4-bit CPU kernels for any model (lossy unless it came from Q4_1)."}
-    )
-    host: str = field(default="127.0.0.1", metadata={"help": "Address to bind (0.0.0.0 to serve the network)."})
-    port: int = field(default=7860, metadata={"help": "Port to listen on."})
-    adapters_dir: str = field(
-        default="adapters", metadata={"help": "Folder whose adapter subfolders are listed in the menu."}
-    )
-    auth_file: str | None = field(
-        default=None,
-        metadata={"help": "File holding user:password to require a login; unset, $ASSISTANT_AUTH if set, else "
-                          "no login. With a login the API (/v1, /chat) needs the API key or a logged-in session."},
-    )
-    share: bool = field(
-        default=False,
-        metadata={"help": "Also open a temporary public gradio.live link (the API then needs an API key)."},
-    )
-    api_key_file: str | None = field(
-        default=None,
-        metadata={"help": "File holding the bearer key the API (/v1 and /chat) requires; unset, "
-                          "$ASSISTANT_API_KEY if set, else the API answers only callers on this machine while "
-                          "the app is bound to localhost and not shared."},
-    )
-    max_request_kb: int = field(
-        default=1024, metadata={"help": "Largest request body the OpenAI-compatible API accepts, in KB (413 above)."}
-    )
-    backend_url: str | None = field(
-        default=None,
-        metadata={"help": "Front a remote OpenAI-compatible server (e.g. vLLM: http://host:8000/v1) instead of "
-                          "loading a model in-process."},
-    )
-    backend_key_file: str | None = field(
-        default=None,
-        metadata={"help": "File holding the API key for --backend-url; unset, $ASSISTANT_BACKEND_KEY if set."},
-    )
     max_queue: int = field(default=32, metadata={"help": "Requests that may wait in the queue before refusal."})
-    jobs_dir: str = field(
-        default="jobs",
-        metadata={"help": "Folder of the fine-tuning jobs and their uploaded files (the Train tab); one app per folder."},
-    )
-    no_training: bool = field(
-        default=False,
-        metadata={"help": "Offer no training, e.g. on a public Space: no Train tab, and /v1/files and "
-                          "/v1/fine_tuning answer 403."},
-    )
-    max_upload_mb: float = field(
-        default=50, metadata={"help": "Largest training file POST /v1/files accepts, in MB (413 above)."}
-    )
-
-    def openai_key(self) -> str | None:
-        """The API key from --api-key-file or $ASSISTANT_API_KEY."""
-        return _secret("--api-key-file", self.api_key_file, "ASSISTANT_API_KEY")
-
-    def backend_key(self) -> str | None:
-        """The --backend-url server's key from --backend-key-file or $ASSISTANT_BACKEND_KEY."""
-        return _secret("--backend-key-file", self.backend_key_file, "ASSISTANT_BACKEND_KEY")
-
-    def credentials(self) -> tuple[str, str] | None:
-        """(user, password) from --auth-file or $ASSISTANT_AUTH, or None when the app is open."""
-        value = _secret("--auth-file", self.auth_file, "ASSISTANT_AUTH")
-        if not value:
-            return None
-        user, sep, password = value.partition(":")
-        if not sep or not user or not password:  # the value itself is a secret: never echo it
-            raise ValueError("--auth-file / $ASSISTANT_AUTH must hold user:password")
-        return user, password
-
-    def access_policy(self) -> AccessPolicy:
-        """Who may call /v1 and /chat under this configuration (serve.access)."""
-        return AccessPolicy(
-            api_key=self.openai_key(), bind_host=self.host, share=self.share, login=self.credentials() is not None
-        )
-
-
-def removed_secret_flag(argv: list[str]) -> str | None:
-    """An error for a secret given on the command line with a removed option, else None."""
-    for arg in argv:
-        flag = arg.split("=", 1)[0]
-        if flag in REMOVED_SECRET_FLAGS:
-            return (f"{flag} was removed: a secret on the command line shows in `ps` and shell history; "
-                    f"use {REMOVED_SECRET_FLAGS[flag]}")
-    return None
-
-
-def _secret(flag: str, path: str | None, env: str) -> str | None:
-    """A secret from the file `path` (given with `flag`), else from $`env`; None when neither is set."""
-    if path:
-        try:
-            value = Path(path).read_text(encoding="utf-8").strip()
-        except OSError as error:
-            raise ValueError(f"{flag} {path}: cannot read it ({error.strerror or error})") from None
-        if not value:
-            raise ValueError(f"{flag} {path} is empty: write the secret into it")
-        return value
-    return os.environ.get(env, "").strip() or None

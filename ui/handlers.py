@@ -9,7 +9,9 @@ import gradio as gr
 
 from assistant.generation import GenerationParams
 from serve.access import AccessPolicy
+from serve.openai_schema import InvalidRequest, validate_chat
 from serve.registry import BASE_CHOICE, ModelRegistry
+from ui.access import admit
 from ui.chat import Settings, stream_answer, stream_turn
 from ui.history import cut_for_edit, cut_for_retry, cut_for_undo, index_of, last_user_index, plain
 from ui.prompts import AS_TRAINED, CUSTOM_PROMPT, DEFAULT_PROMPT, list_prompts
@@ -18,17 +20,19 @@ from ui.stopping import StopSignals
 logger = logging.getLogger(__name__)
 
 EMPTY_STORE = {"chat": [], "base": []}  # what a browser stores before its first message
+CHAT_PARAMS = {"max_tokens": "max_new_tokens"}  # /v1's field names as Gradio's /chat calls them
 
 
 class Handlers:
     """Event functions; each streaming one registers itself so this browser's Stop can end it."""
 
     def __init__(self, registry: ModelRegistry, signals: StopSignals, gpu: Callable[[Callable], Callable],
-                 access: AccessPolicy | None = None):
+                 access: AccessPolicy | None = None, slider_overrides: dict | None = None):
         # access: who may call /chat (serve.access); None only for in-process use, where no caller is remote.
         self.registry = registry
         self.signals = signals
         self.access = access
+        self.slider_overrides = dict(slider_overrides or {})  # the sliders' start where not the model's own
         self.prompts = list_prompts()
         self.default_prompt = self.prompts.get(DEFAULT_PROMPT, "")
         # Spaces' @spaces.GPU must wrap exactly the functions that run the model.
@@ -43,32 +47,32 @@ class Handlers:
             for chat, side in stream_turn(self.registry, stopper, settings, history, base):
                 yield chat, side, status_text(self.registry, settings.choice)
 
-    def send(self, message: str, history: list, base: list, choice: str, compare: bool, system: str,
-             temperature: float, top_p: float, top_k: int, repetition_penalty: float, max_new_tokens: int,
+    def send(self, message: str, history: list, base: list, choice: str, compare: bool, prompt: str,
+             system: str, temperature: float, top_p: float, top_k: int, repetition_penalty: float, max_new_tokens: int,
              seed: float | None, request: gr.Request) -> Iterator:
         """Append the user's message and stream the reply (both sides in compare mode)."""
         history, base = plain(history), plain(base)
         if not (message or "").strip():
             yield message, history, base, gr.skip()
             return
-        settings = Settings.of(choice, compare, system, temperature, top_p, top_k, repetition_penalty,
+        settings = Settings.of(choice, compare, prompt, system, temperature, top_p, top_k, repetition_penalty,
                                max_new_tokens, seed)
         user = {"role": "user", "content": message}
         base = [*base, user] if settings.compare else base
         for chat, side, status in self._stream(request, settings, [*history, user], base):
             yield "", chat, side, status
 
-    def retry(self, data: gr.RetryData, history: list, base: list, choice: str, compare: bool, system: str,
-              temperature: float, top_p: float, top_k: int, repetition_penalty: float, max_new_tokens: int,
+    def retry(self, data: gr.RetryData, history: list, base: list, choice: str, compare: bool, prompt: str,
+              system: str, temperature: float, top_p: float, top_k: int, repetition_penalty: float, max_new_tokens: int,
               seed: float | None, request: gr.Request) -> Iterator:
         """Answer the chosen user message again (the chatbot's retry icon)."""
-        settings = Settings.of(choice, compare, system, temperature, top_p, top_k, repetition_penalty,
+        settings = Settings.of(choice, compare, prompt, system, temperature, top_p, top_k, repetition_penalty,
                                max_new_tokens, seed)
         index = index_of(data.index)
         yield from self._stream(request, settings, cut_for_retry(plain(history), index),
                                 cut_for_retry(plain(base), index) if settings.compare else [])
 
-    def retry_last(self, history: list, base: list, choice: str, compare: bool, system: str,
+    def retry_last(self, history: list, base: list, choice: str, compare: bool, prompt: str, system: str,
                    temperature: float, top_p: float, top_k: int, repetition_penalty: float,
                    max_new_tokens: int, seed: float | None, request: gr.Request) -> Iterator:
         """Answer the last user message again (the Retry button)."""
@@ -77,13 +81,13 @@ class Handlers:
         if index is None:
             yield history, base, gr.skip()
             return
-        settings = Settings.of(choice, compare, system, temperature, top_p, top_k, repetition_penalty,
+        settings = Settings.of(choice, compare, prompt, system, temperature, top_p, top_k, repetition_penalty,
                                max_new_tokens, seed)
         yield from self._stream(request, settings, cut_for_retry(history, index),
                                 cut_for_retry(base, index) if settings.compare else [])
 
-    def edit(self, data: gr.EditData, history: list, base: list, choice: str, compare: bool, system: str,
-             temperature: float, top_p: float, top_k: int, repetition_penalty: float, max_new_tokens: int,
+    def edit(self, data: gr.EditData, history: list, base: list, choice: str, compare: bool, prompt: str,
+             system: str, temperature: float, top_p: float, top_k: int, repetition_penalty: float, max_new_tokens: int,
              seed: float | None, request: gr.Request) -> Iterator:
         """Replace an edited user message, drop what followed it and answer it."""
         history, base = plain(history), plain(base)
@@ -91,7 +95,7 @@ class Handlers:
         if history[index]["role"] != "user":  # assistant edits just stand as written
             yield history, base, gr.skip()
             return
-        settings = Settings.of(choice, compare, system, temperature, top_p, top_k, repetition_penalty,
+        settings = Settings.of(choice, compare, prompt, system, temperature, top_p, top_k, repetition_penalty,
                                max_new_tokens, seed)
         yield from self._stream(request, settings, cut_for_edit(history, index, text),
                                 cut_for_edit(base, index, text) if settings.compare else [])
@@ -145,6 +149,16 @@ class Handlers:
             return gr.update(choices=names, value=name), text
         return gr.update(choices=names, value=first), self.prompt_text(first, choice, text)
 
+    def slider_settings(self, choice: str | None) -> GenerationParams:
+        """What the sliders show for a choice: the settings it is served with (its generation_config.json,
+        else its base model's, else the app's), where the app was not told to start them elsewhere."""
+        return GenerationParams.resolve(self.registry.generation_defaults(choice), **self.slider_overrides)
+
+    def generation_sliders(self, choice: str) -> tuple:
+        """On a new model choice: the sliders move to the settings it is served with."""
+        d = self.slider_settings(choice)
+        return d.temperature, d.top_p, d.top_k, d.repetition_penalty, d.max_new_tokens
+
     def prompt_text(self, name: str, choice: str, current: str) -> str:
         """Text of a prompt menu entry ("custom" keeps the box as it is)."""
         if name == AS_TRAINED:
@@ -160,29 +174,28 @@ class Handlers:
         return gr.update(value=note, visible=differs)
 
     def api_chat(self, message: str, history: list[dict] | None = None, system_prompt: str | None = None,
-                 adapter: str = "", max_new_tokens: int = 256, temperature: float = 0.0,
+                 adapter: str = "", max_new_tokens: int | None = None, temperature: float | None = None,
                  request: gr.Request = None) -> Iterator[str]:
         """Stream a reply to `message`; yields the growing reply text. `history`: [{"role", "content"}];
-        `system_prompt`: default the prompt the adapter was trained with (else the app's default prompt), ""
-        for none; `adapter`: a menu name (default: the app's default choice, "base model" for none)."""
-        self._admit(request)
-        yield from self._api_reply(message, history, system_prompt, adapter, max_new_tokens, temperature, request)
-
-    def _admit(self, request: gr.Request | None) -> None:
-        """Refuse an API caller that the access rule keeps out (the same rule as /v1)."""
-        refusal = self.access.check_request(request) if self.access else None
-        if refusal:
-            logger.info("refused /chat: %s", refusal.code)
-            raise gr.Error(refusal.message)
-
-    def _api_reply(self, message: str, history: list[dict] | None, system_prompt: str | None, adapter: str,
-                   max_new_tokens: int, temperature: float, request: gr.Request | None) -> Iterator[str]:
-        params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature)
+        `system_prompt`: unset, the prompt the adapter was trained with (the same rule as /v1); `adapter`: a
+        menu name (default: the app's default choice, "base model" for none); `max_new_tokens`, `temperature`:
+        unset, the model's generation settings. Checked with /v1's own schema: a bad value is an error naming it."""
+        admit(self.access, request, "/chat")
         choice = adapter or self.registry.default_choice()
-        system = self.default_system(choice) if system_prompt is None else system_prompt
-        settings = Settings(choice, system, params)
+        messages = [*([{"role": "system", "content": system_prompt}] if system_prompt is not None else []),
+                    *[m for m in (history or []) if isinstance(m, dict)], {"role": "user", "content": message}]
+        body = {"model": choice, "messages": messages, "max_tokens": max_new_tokens, "temperature": temperature}
+        try:
+            req = validate_chat(body, renamed=CHAT_PARAMS)
+        except InvalidRequest as error:
+            raise gr.Error(error.message) from None
+        params = req.generation(self.registry.generation_defaults(choice))
+        yield from self._api_reply(choice, req.plain_messages(), params, request)
+
+    def _api_reply(self, choice: str, messages: list[dict], params: GenerationParams,
+                   request: gr.Request | None) -> Iterator[str]:
+        settings = Settings(choice, None, params)
         with self.signals.request(getattr(request, "session_hash", None)) as stopper:
-            messages = [*plain(history), {"role": "user", "content": message}]
             yield from stream_answer(self.registry, stopper, settings, messages, on_trim=None)
 
     def restore(self, stored: dict | None, choice: str) -> tuple[list, dict, bool, str]:

@@ -29,10 +29,11 @@ def plain(history: list[dict] | None) -> list[Message]:
 
 
 def model_messages(system: str | None, history: list[Message]) -> list[Message]:
-    """What the model reads: the system prompt (when given) then the conversation without system turns."""
+    """What the screen sends: its system prompt (None: none, so the served model's trained prompt applies,
+    assistant.adapters.messages_for) then the conversation without system turns."""
     turns = [m for m in history if m["role"] != "system"]
     # Kept exactly as given (not stripped): a trained system prompt must render to the trained tokens.
-    return [{"role": "system", "content": system}, *turns] if (system or "").strip() else turns
+    return [{"role": "system", "content": system}, *turns] if system is not None else turns
 
 
 def last_user_index(history: list[Message]) -> int | None:

@@ -1,0 +1,89 @@
+"""The server behind the screens: its models, its fine-tuning jobs, who may call it, and its HTTP API.
+
+`Server(config)` is built once per process by `python -m ui`, the Space's app.py and the tests; the
+screens (ui/) ask it for what they show and do, and `mount(app)` adds the OpenAI-compatible routes
+(`/v1/models`, `/v1/chat/completions`, `/v1/files`, `/v1/fine_tuning/jobs`) to the running web app.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+from pathlib import Path
+
+from serve.access import AccessPolicy
+from serve.config import ServerConfig
+from serve.files import FileStore
+from serve.fine_tuning_api import FineTuningServer, training_off_router
+from serve.http import Gate
+from serve.jobs import JobError, JobRunner
+from serve.openai_api import OpenAIServer
+from serve.registry import ModelRegistry
+from serve.remote import RemoteRegistry
+
+logger = logging.getLogger(__name__)
+
+_UNSET = object()
+
+
+class Server:
+    """One server: `registry` (in-process models, or a remote server's), `jobs` (None: no training here) and
+    `access`, the one rule for every API route and every screen action."""
+
+    def __init__(self, config: ServerConfig, *, registry: ModelRegistry | RemoteRegistry | None = None,
+                 jobs: JobRunner | None | object = _UNSET, train_args: list[str] | None = None):
+        # train_args go to every train.sft run of the job runner (e.g. faster probes in tests).
+        self.config = config
+        self.access: AccessPolicy = config.access_policy()
+        self.registry = registry or make_registry(config)
+        self.jobs: JobRunner | None = job_runner(config, self.registry, train_args) if jobs is _UNSET else jobs
+
+    @property
+    def local(self) -> bool:
+        """True when the models run in this process (so their adapter folders are here to export)."""
+        return isinstance(self.registry, ModelRegistry)
+
+    def mount(self, app) -> None:
+        """Serve the OpenAI-compatible API from the running web app `app` (in-process models only)."""
+        if not self.local:
+            return
+        config, gate = self.config, Gate(self.access)
+        app.include_router(OpenAIServer(self.registry, self.access,
+                                        max_body_bytes=config.max_request_kb * 1024).router)
+        if self.jobs is None:
+            reason = ("Fine-tuning is turned off on this server (it was started with --no-training); start it "
+                      "without --no-training to train." if config.no_training else
+                      f"Fine-tuning is unavailable on this server: another server process runs the jobs of "
+                      f"{config.jobs_dir}; start this one with its own --jobs-dir.")
+            app.include_router(training_off_router(reason, gate))
+            return
+        app.include_router(FineTuningServer(
+            self.jobs, self.access,
+            max_body_bytes=config.max_request_kb * 1024,
+            max_upload_bytes=int(config.max_upload_mb * 1024 * 1024),
+        ).router)
+
+
+def make_registry(config: ServerConfig) -> ModelRegistry | RemoteRegistry:
+    """In-process models, or the models of the remote server given by --backend-url."""
+    if config.backend_url:
+        return RemoteRegistry(config.backend_url, config.backend_key())
+    return ModelRegistry(config.adapters_dir, config.adapter, base_model=config.base_model, precision=config.precision)
+
+
+def job_runner(config: ServerConfig, registry=None, train_args: list[str] | None = None) -> JobRunner | None:
+    """The fine-tuning job runner over config's jobs and adapters folders, shared by the Train tab and
+    /v1/fine_tuning; None with --backend-url (no models here), --no-training, or when another server
+    runs the jobs of that folder."""
+    if config.backend_url or config.no_training:
+        return None
+    rescan = getattr(registry, "rescan", None)  # a published adapter is listed before the job reads succeeded
+    root = Path(config.jobs_dir)
+    try:
+        runner = JobRunner(root, config.adapters_dir, FileStore(root / "files"), base_model=config.base_model,
+                           extra_args=train_args, on_published=(lambda name: rescan()) if rescan else None)
+    except JobError as taken:  # another server runs the jobs of this folder
+        logger.warning("fine-tuning is off: %s; start this app with its own --jobs-dir", taken)
+        return None
+    atexit.register(runner.close)  # a job still training is paused (resumable), not left running unseen
+    return runner
