@@ -59,8 +59,8 @@ def build_app(
 ) -> gr.Blocks:
     """The Gradio app for `config`'s server (serve.server.Server; `registry` and `jobs` stand in for its
     own); `defaults` override the sliders' start (e.g. {"max_new_tokens": 12}: they start from the chosen
-    model's generation settings); `gpu` wraps generating functions (Spaces). After `launch`, `demo.server.mount(demo.app)` adds the
-    OpenAI-compatible API."""
+    model's generation settings); `gpu` wraps generating functions (Spaces). After `launch`,
+    `demo.service.mount(demo.app)` adds the OpenAI-compatible API."""
     server = server or Server(config, registry=registry, jobs=jobs)
     registry = server.registry
     handlers = Handlers(registry, StopSignals(), gpu or (lambda fn: fn), access=server.access,
@@ -85,8 +85,9 @@ def build_app(
     # Up to a batch of requests run at once (the runtime generates requests that arrive together in one
     # batch); the others wait in the queue, which shows their position, and beyond max_size are turned away.
     demo.queue(max_size=config.max_queue, default_concurrency_limit=MAX_BATCH)
-    demo.server = server  # the models, jobs and access rule behind the screens; mounts the API
+    demo.service = server  # the models, jobs and access rule behind the screens; mounts the API
     demo.registry = registry  # the caller may warm a model or inspect what is loaded
+    demo.handlers = handlers  # the screen's event functions (tests drive them as the screen would)
     demo.jobs = server.jobs  # the fine-tuning jobs (None: no training here); the caller closes it on shutdown
     demo.export_panel = export  # None: no local adapters to export
     return demo
