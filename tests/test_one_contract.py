@@ -75,6 +75,23 @@ def test_chat_screen_and_v1_give_the_same_greedy_reply(served):
         assert complete_reply(model, other, greedy) != api, message
 
 
+def test_the_ui_in_front_of_this_server_gives_its_v1_reply(served):
+    """--backend-url: "as trained" sends no system message, so the server applies the adapter's own prompt; the
+    sliders start from the settings the server says it serves the adapter with."""
+    from openai import OpenAI
+
+    from ui.app import build_app
+    from ui.config import ChatConfig
+
+    front = build_app(ChatConfig(backend_url=served.url + "v1", no_training=True))
+    assert front.registry.trained_prompt("support").text == PROMPT, "shown on the screen"
+    v1 = OpenAI(base_url=served.url + "v1", api_key="unused-on-localhost")
+    for message in MESSAGES:
+        direct = v1.chat.completions.create(model="support", temperature=0,
+                                            messages=[{"role": "user", "content": message}])
+        assert screen_reply(front, message) == direct.choices[0].message.content, message
+
+
 def test_v1_models_say_the_trained_prompt_and_generation_settings(served):
     """What a UI in front of this server (--backend-url) shows: the adapter's prompt and sliders."""
     import httpx
