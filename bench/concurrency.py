@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from bench.common import (
     ROOT,
     bar_chart,
     cpu_name,
+    free_port,
     log,
     machine_load,
     median,
@@ -87,13 +87,6 @@ class ConcurrencyConfig:
         """Shrink everything for --quick."""
         if self.quick:
             self.max_new_tokens = 8
-
-
-def free_port() -> int:
-    """A 127.0.0.1 TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class AppServer:
