@@ -48,7 +48,7 @@ class FileStore:
     """Files uploaded for fine-tuning, kept on disk across restarts."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # paths handed to processes that run from another folder
 
     def save(self, data: bytes, filename: str, purpose: str) -> FileObject:
         """Store an upload; refuses other purposes and empty files."""

@@ -10,9 +10,10 @@ The shapes are OpenAI's, so the `openai` SDK drives it unchanged:
 
 `model` is "base" (the app's base model) or a base model name as train.sft's --base-model takes it.
 Our own options go in an `adapter` object (OpenAI has no field for them):
-`type` "lora" | "prefix", `time_budget_minutes` (0: none), `max_steps`, `system_prompt` (for rows without
-one). `hyperparameters` (or `method.supervised.hyperparameters`): `n_epochs`, `batch_size`,
+`type` "lora" | "prefix", `time_budget_minutes` (0: none), `max_steps` (0: none), `system_prompt` (for rows
+without one; text only). `hyperparameters` (or `method.supervised.hyperparameters`): `n_epochs`, `batch_size`,
 `learning_rate_multiplier` (times the method's default learning rate), each a number or "auto".
+Their bounds and defaults are the job contract's (serve.job_spec), which the Train tab checks too.
 
 Jobs run in serve.jobs.JobRunner: train.sft as a separate process, one at a time, the dataset doctor first.
 A succeeded job's `fine_tuned_model` is an adapter name that `/v1/chat/completions` takes as `model` at once.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Literal
+from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -34,6 +35,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from serve.access import AccessPolicy
 from serve.files import FileError
 from serve.http import APIError, Gate, api_router, limited_stream, read_body
+from serve.job_spec import HYPERPARAMETERS, PARAMS, JobSpec, JobSpecError, job_spec
 from serve.jobs import ACTIVE, Job, JobError, JobRunner
 from serve.openai_api import MAX_BODY_BYTES
 from serve.openai_schema import describe
@@ -50,45 +52,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-def _auto_or_positive(value: object, maximum: float, whole: bool = False) -> object:
-    """OpenAI's hyperparameter values: "auto" (the trainer's default) or a number in (0, maximum]."""
-    kind = "a whole number" if whole else "a number"
-    number = isinstance(value, int | float) and not isinstance(value, bool) and (isinstance(value, int) or not whole)
-    if value is None or value == "auto":
-        return value
-    if not number or not 0 < value <= maximum:
-        raise PydanticCustomError("auto_or_number", "must be 'auto' or {kind} above 0 and at most {maximum}, not "
-                                  "{value}", {"kind": kind, "maximum": maximum, "value": repr(value)})
-    return value
-
-
 class Hyperparameters(_Strict):
-    """OpenAI's supervised hyperparameters; "auto" leaves train.sft's default."""
+    """OpenAI's supervised hyperparameters, as given: serve.job_spec checks them ("auto": the default)."""
 
-    n_epochs: str | float | None = None  # a fraction of an epoch is fine for train.sft
-    batch_size: str | int | None = None
-    learning_rate_multiplier: str | float | None = None
-
-    @field_validator("n_epochs", mode="before")
-    @classmethod
-    def _epochs(cls, value):
-        return _auto_or_positive(value, 100)
-
-    @field_validator("batch_size", mode="before")
-    @classmethod
-    def _batch(cls, value):
-        return _auto_or_positive(value, 1024, whole=True)
-
-    @field_validator("learning_rate_multiplier", mode="before")
-    @classmethod
-    def _lr(cls, value):
-        return _auto_or_positive(value, 100)
-
-    def options(self) -> dict:
-        """JobRunner options ("auto" and null: the default)."""
-        values = {"n_epochs": self.n_epochs, "batch_size": self.batch_size,
-                  "learning_rate_multiplier": self.learning_rate_multiplier}
-        return {k: v for k, v in values.items() if v is not None and v != "auto"}
+    n_epochs: Any = None
+    batch_size: Any = None
+    learning_rate_multiplier: Any = None
 
 
 class Supervised(_Strict):
@@ -113,51 +82,43 @@ class Method(_Strict):
 
 
 class AdapterOptions(_Strict):
-    """Our extras: the adapter method, a time budget, a step cap and the system prompt for rows without one."""
+    """Our extras, as given (serve.job_spec checks them): the adapter method, a time budget, a step cap and the
+    system prompt for rows without one."""
 
-    type: Literal["lora", "prefix"] = "lora"
-    time_budget_minutes: float | None = Field(None, ge=0, le=7 * 24 * 60)
-    max_steps: int | None = Field(None, ge=1)
-    system_prompt: str | None = Field(None, max_length=20_000)
-
-    @field_validator("system_prompt")
-    @classmethod
-    def _text_not_file(cls, value: str | None) -> str | None:
-        # train.sft reads "@FILE" from the server's disk; over the API that would train a file of the
-        # server's (and serve it as the adapter's prompt), so only text is taken.
-        if value and value.startswith("@"):
-            raise PydanticCustomError("file_prompt", "must be the prompt's text; '@FILE' (a file on the server) "
-                                      "is not accepted over the API")
-        return value
+    type: Any = None
+    time_budget_minutes: Any = None
+    max_steps: Any = None
+    system_prompt: Any = None
 
 
 class JobRequest(_Strict):
-    """A `POST /v1/fine_tuning/jobs` body."""
+    """A `POST /v1/fine_tuning/jobs` body: its shape here, its settings in serve.job_spec."""
 
     model: str = Field(min_length=1)
     training_file: str = Field(min_length=1)
     validation_file: str | None = None
-    suffix: str | None = Field(None, max_length=64)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    suffix: Any = None
+    seed: Any = None
     hyperparameters: Hyperparameters | None = None
     method: Method | None = None
     adapter: AdapterOptions | None = None
 
-    def options(self) -> dict:
-        """Keyword options of JobRunner.create (nulls left to the Job's defaults); APIError if contradictory."""
+    def spec(self) -> JobSpec:
+        """The job's checked settings; APIError naming the field (as `param`) when one is out of the contract."""
         inner = self.method.supervised.hyperparameters if self.method and self.method.supervised else None
         if inner is not None and self.hyperparameters is not None:
             raise APIError(400, "Give hyperparameters either at the top level or in "
                                 "method.supervised.hyperparameters, not both.", param="hyperparameters")
-        hyper = inner or self.hyperparameters
+        where = "method.supervised.hyperparameters" if inner is not None else "hyperparameters"
+        hyper = inner or self.hyperparameters or Hyperparameters()
         adapter = self.adapter or AdapterOptions()
-        options = {
-            "model": self.model, "validation_file": self.validation_file, "suffix": self.suffix, "seed": self.seed,
-            "method": adapter.type, "time_budget_minutes": adapter.time_budget_minutes,
-            "max_steps": adapter.max_steps, "system_prompt": adapter.system_prompt,
-            **(hyper.options() if hyper else {}),
-        }
-        return {k: v for k, v in options.items() if v is not None}
+        params = {**PARAMS, **{name: f"{where}.{name}" for name in HYPERPARAMETERS}}
+        try:
+            return job_spec(params, **hyper.model_dump(), method=adapter.type, suffix=self.suffix, seed=self.seed,
+                            time_budget_minutes=adapter.time_budget_minutes, max_steps=adapter.max_steps,
+                            system_prompt=adapter.system_prompt)
+        except JobSpecError as error:
+            raise APIError(400, str(error), param=error.param, code=error.code) from None
 
 
 _FIELDS = frozenset(
@@ -323,7 +284,8 @@ class FineTuningServer:
         except ValidationError as error:
             param, message, code = describe(error, _FIELDS)
             raise APIError(400, message, param=param, code=code) from None
-        job = await run_in_threadpool(_jobs_call, self.jobs.create, req.training_file, **req.options())
+        job = await run_in_threadpool(_jobs_call, self.jobs.create, req.training_file, req.spec(), model=req.model,
+                                      validation_file=req.validation_file)
         logger.info("created %s on %s (%s)", job.id, job.training_file, job.method)
         return job.to_openai()
 

@@ -6,8 +6,12 @@ needs), `events.jsonl` (the runner's status messages), `train_events.jsonl` (tra
 Training never runs inside the serving process, so the app stays responsive; the adapter is
 published into the adapters folder, where the app's registry finds it without a restart.
 
-A new job is checked by the dataset doctor (`python -m train.check`) at once, even while another job
-trains: bad data fails the job with the doctor's file/line/field messages and never starts training.
+A job's settings are a serve.job_spec.JobSpec (checked before the job exists). A new job is checked by the
+dataset doctor (serve.doctor: `python -m train.check`) at once, even while another job trains: bad data fails
+the job with the doctor's file/line/field messages and never starts training. Every path handed to a process
+is absolute (the server may run from any folder), and the system prompt, text a user typed, reaches the
+doctor and the trainer only as `--system-prompt @<job folder>/system_prompt.txt` (never as an argument they
+would read as "@PATH").
 Jobs survive the server: a job that was running when the server (or its training process) died is
 `paused` on the next start, and `resume` continues it from its last checkpoint.
 """
@@ -25,21 +29,24 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from assistant.adapters import training_report
+from assistant.embedded import EMBEDDED
+from serve.doctor import DoctorReport, diagnose
 from serve.files import FileError, FileStore
+from serve.job_spec import JobSpec, job_spec
+from serve.processes import ROOT, env, model_arg
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent  # the repository: train.sft runs from here
 JOB = "job.json"
 EVENTS = "events.jsonl"
 TRAIN_EVENTS = "train_events.jsonl"
 LOG = "train.log"
+PROMPT = "system_prompt.txt"  # the job's system prompt, as the file the doctor and the trainer read
 ACTIVE = ("validating_files", "queued", "running")  # OpenAI's statuses; plus succeeded, failed, cancelled, paused
-METHODS = ("lora", "prefix")
 POLL_S = 0.5  # how often a running job's process is checked (cancel, pause, exit)
 
 
@@ -61,13 +68,14 @@ class Job:
     model: str = "base"  # "base" (the app's base model) or a base model name
     validation_file: str | None = None
     suffix: str | None = None
+    # The JobSpec's settings (None in a job of an older version: train.sft's default).
     seed: int = 42
-    n_epochs: float | None = None  # None: train.sft's default (1 epoch)
+    n_epochs: float | None = None
     batch_size: int | None = None
     learning_rate_multiplier: float | None = None  # times the method's default learning rate
     method: str = "lora"
-    time_budget_minutes: float = 0.0
-    max_steps: int | None = None
+    time_budget_minutes: float = 0.0  # 0: none
+    max_steps: int | None = None  # 0 or None: no cap
     system_prompt: str | None = None
     status: str = "validating_files"
     error: dict | None = None  # {"code", "message", "param"}
@@ -99,7 +107,7 @@ class Job:
             },
             "method": {"type": "supervised"},
             "adapter": {"type": self.method, "time_budget_minutes": self.time_budget_minutes,
-                        "max_steps": self.max_steps},
+                        "max_steps": self.max_steps or None},
             "suffix": self.suffix,
             "seed": self.seed,
             "trained_tokens": self.trained_tokens,
@@ -137,7 +145,8 @@ class JobRunner:
         on_published: Callable[[str], None] | None = None,
         start: bool = True,
     ):
-        self.root, self.adapters_dir, self.files = Path(root), Path(adapters_dir), files
+        # Absolute: the processes run from the repository, the server from wherever it was started.
+        self.root, self.adapters_dir, self.files = Path(root).absolute(), Path(adapters_dir).absolute(), files
         self.base_model = base_model  # the app's --base-model: what "base" means
         self.extra_args = list(extra_args or [])  # e.g. faster probes in tests
         self.on_published = on_published  # told the adapter's name when a job succeeds
@@ -152,25 +161,25 @@ class JobRunner:
             self.thread.start()
 
     # -- requests ------------------------------------------------------------------------------------
-    def create(self, training_file: str, **options) -> Job:
-        """A new job; the doctor checks its data at once, then it waits for its turn."""
-        unknown = set(options) - {f.name for f in fields(Job)}
-        if unknown:
-            raise JobError(f"unknown job option(s): {', '.join(sorted(unknown))}")
-        for param, file_id in (("training_file", training_file), ("validation_file", options.get("validation_file"))):
+    def create(self, training_file: str, spec: JobSpec | None = None, *, model: str = "base",
+               validation_file: str | None = None, **settings) -> Job:
+        """A new job training `spec` (Python callers may give its settings instead: job_spec(**settings) checks
+        them); the doctor checks its data at once, then it waits for its turn."""
+        if spec is not None and settings:
+            raise TypeError("give a JobSpec or its settings, not both")
+        spec = spec if spec is not None else job_spec(**settings)  # JobSpecError: a ValueError with `param`
+        for param, file_id in (("training_file", training_file), ("validation_file", validation_file)):
             if file_id is not None:
                 try:
                     self.files.get(file_id)
                 except FileError as error:
                     raise JobError(str(error), 400, param, "invalid_file") from None
-        method = options.get("method") or "lora"
-        if method not in METHODS:
-            raise JobError(f"adapter type {method!r} is not one of {', '.join(METHODS)}", param="adapter.type")
         job_id = f"ftjob-{uuid.uuid4().hex[:24]}"
-        suffix = options.get("suffix")
-        name = f"ft-{_slug(suffix) if suffix else 'assistant'}-{job_id[-6:]}"
-        job = Job(job_id, int(time.time()), training_file, **{**options, "method": method}, output_name=name)
+        name = f"ft-{_slug(spec.suffix) if spec.suffix else 'assistant'}-{job_id[-6:]}"
+        job = Job(job_id, int(time.time()), training_file, model=model, validation_file=validation_file,
+                  output_name=name, **spec.model_dump())
         (self.root / job.id).mkdir(parents=True)
+        self._prompt_file(job)
         self._save(job)
         self._event(job, f"Created fine-tuning job {job.id}")
         threading.Thread(target=self._validate, args=(job.id,), name=f"validate-{job.id}", daemon=True).start()
@@ -223,6 +232,10 @@ class JobRunner:
         marks = [e for e in read_lines(self.root / job_id / TRAIN_EVENTS) if e.get("event") == "checkpoint"]
         return sorted((m for m in marks if Path(m["path"]).exists()), key=lambda m: m["step"], reverse=True)
 
+    def doctor(self, path: str | Path, model: str = "base") -> DoctorReport:
+        """The dataset doctor's report on a file, for the base model `model` trains ("base": the app's)."""
+        return diagnose(path, self.base_for(model))
+
     def log_tail(self, job_id: str, lines: int = 40) -> str:
         """The last lines of the training process's output."""
         path = self.root / job_id / LOG
@@ -247,25 +260,21 @@ class JobRunner:
         summary: list[str] = []
         for param, file_id in files:  # the validation file too: a bad one would only fail after training
             what = param.replace("_", " ")
-            command = [sys.executable, "-m", "train.check", str(self.files.path(file_id)), "--base-model", self._base(job)]
-            if job.system_prompt:
-                command += ["--system-prompt", job.system_prompt]
             self._event(job, f"Validating the {what}")
-            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=_env())
-            problems = [line.removeprefix("error: ") for line in done.stderr.splitlines() if line.startswith("error")]
+            report = diagnose(self.files.path(file_id), self.base_for(job.model), self._prompt_file(job))
             with self.lock:
                 job = self.get(job_id)
                 if job.status != "validating_files":  # cancelled meanwhile
                     return
-                if done.returncode != 0:
-                    message = "; ".join(problems) or done.stderr.strip()[-2000:] or "the dataset doctor failed"
+                if not report.ok:
+                    message = "; ".join(report.problems()) or "the dataset doctor failed"
                     job.status, job.finished_at = "failed", int(time.time())
                     job.error = {"code": f"invalid_{param}", "message": message, "param": param}
                     self._save(job)
                     self._event(job, f"{what.capitalize()} is invalid: {message}", level="error")
                     return
             if not summary:
-                summary = [line for line in done.stdout.splitlines() if line.startswith(("format:", "examples:", "tokens:"))]
+                summary = report.summary()
         with self.lock:
             job = self.get(job_id)
             if job.status != "validating_files":
@@ -289,28 +298,35 @@ class JobRunner:
                 logger.exception("fine-tuning job %s failed to run", job.id)
                 self._finish(job.id, "failed", {"code": "runner_error", "message": str(error), "param": None})
 
-    def _train(self, job: Job) -> None:
+    def train_command(self, job: Job) -> list[str]:
+        """train.sft's command line for `job`: every path absolute, the system prompt as the job's file."""
         folder = self.root / job.id
         command = [
-            sys.executable, "-m", "train.sft", str(self.files.path(job.training_file)),
+            sys.executable, "-m", "train.sft", str(self.files.path(job.training_file).absolute()),
             "--output-dir", str(self.adapters_dir / job.output_name),
             "--events-file", str(folder / TRAIN_EVENTS),
-            "--method", job.method, "--seed", str(job.seed), "--base-model", self._base(job),
+            "--method", job.method, "--seed", str(job.seed), "--base-model", self.base_for(job.model),
         ]
         if job.validation_file:
-            command += ["--valid-file", str(self.files.path(job.validation_file))]
-        options = {"--epochs": job.n_epochs, "--batch-size": job.batch_size, "--max-steps": job.max_steps,
-                   "--time-budget": job.time_budget_minutes or None, "--system-prompt": job.system_prompt,
-                   "--learning-rate": self._learning_rate(job)}
+            command += ["--valid-file", str(self.files.path(job.validation_file).absolute())]
+        prompt = self._prompt_file(job)
+        options = {"--epochs": job.n_epochs, "--batch-size": job.batch_size, "--max-steps": job.max_steps or None,
+                   "--time-budget": job.time_budget_minutes or None,
+                   "--learning-rate-multiplier": job.learning_rate_multiplier,
+                   "--system-prompt": f"@{prompt}" if prompt else None}
         command += [str(a) for flag, value in options.items() if value is not None for a in (flag, value)]
         command += ["--resume"] if job.resume else []
-        command += self.extra_args
+        return command + self.extra_args
+
+    def _train(self, job: Job) -> None:
+        folder = self.root / job.id
+        command = self.train_command(job)
         with self.lock:
             job = self.get(job.id)
             if job.status != "queued":
                 return
             with (folder / LOG).open("a") as log:
-                process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env(),
+                process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env(),
                                            start_new_session=True)  # its own group: a stop ends all of it
             job.status, job.pid = "running", process.pid
             self._save(job)
@@ -379,18 +395,19 @@ class JobRunner:
                 threading.Thread(target=self._validate, args=(job.id,), daemon=True).start()
 
     # -- helpers -------------------------------------------------------------------------------------
-    def _base(self, job: Job) -> str:
-        from assistant.embedded import EMBEDDED
+    def base_for(self, model: str) -> str:
+        """The base model a job's `model` names ("base": the app's --base-model, else the embedded one); a local
+        folder as an absolute path (the processes run from the repository, not from the server's folder)."""
+        return model_arg((self.base_model or EMBEDDED) if model == "base" else model)
 
-        return (self.base_model or EMBEDDED) if job.model == "base" else job.model
-
-    @staticmethod
-    def _learning_rate(job: Job) -> float | None:
-        if not job.learning_rate_multiplier:
+    def _prompt_file(self, job: Job) -> Path | None:
+        """The job's system prompt as a file of its own folder (written when missing); None when it has none."""
+        if not job.system_prompt:
             return None
-        from train.sft import SFTConfig
-
-        return SFTConfig(method=job.method).lr * job.learning_rate_multiplier
+        path = self.root / job.id / PROMPT
+        if not path.is_file() or path.read_text(encoding="utf-8") != job.system_prompt:
+            path.write_text(job.system_prompt, encoding="utf-8")
+        return path
 
     def _failure(self, job_id: str, code: int) -> str:
         errors = [e["message"] for e in read_lines(self.root / job_id / TRAIN_EVENTS) if e.get("event") == "error"]
@@ -444,10 +461,6 @@ def _terminate(pid: int) -> None:
         os.killpg(pid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def _slug(text: str) -> str:

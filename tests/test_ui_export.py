@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,7 +28,7 @@ def request_from(peer: str, headers: dict | None = None):
 def no_llama_cpp(monkeypatch) -> None:
     """Exports as on a machine without llama.cpp's binding: not verified (tests/test_export.py verifies), and
     seconds faster."""
-    monkeypatch.setattr("train.export.llamacpp.find_python", lambda: None)
+    monkeypatch.setattr("serve.exports.ExportRunner.extra_args", ("--skip-verify",))  # exports run as processes
 
 
 @pytest.fixture
@@ -69,12 +70,10 @@ def test_the_base_model_has_nothing_to_export(panel):
     ids=["stranger", "proxied", "no-request"],
 )
 def test_a_refused_request_writes_nothing_and_says_why(panel, request_, monkeypatch):
-    import train.export
-
-    def must_not_run(config):
+    def must_not_run(*args, **kwargs):
         raise AssertionError("train.export ran for a refused request")
 
-    monkeypatch.setattr(train.export, "export", must_not_run)
+    monkeypatch.setattr(panel.exports, "start", must_not_run)
     text, archive = panel.export("pirate", "ollama", request_)
     assert archive is None
     assert text.startswith("Export refused: Without an API key only callers on this machine are served"), text
@@ -86,16 +85,22 @@ def test_a_refused_request_writes_nothing_and_says_why(panel, request_, monkeypa
     ["ExportError", "TemplateError", "OSError"],
 )
 def test_a_failed_export_shows_its_message_as_text_and_leaves_nothing(panel, error, monkeypatch):
-    import train.export
-
     message = "pirate <b>cannot</b> go there: LoRA only"  # as typed: the Textbox shows it as text
+    # train.export's own main() in its process, its export() failing with `error` (a stand-in for the real one).
+    failing = f"""
+import sys
+from pathlib import Path
+import train.export
 
-    def fail(config):
-        Path(config.output_dir).mkdir(parents=True)  # a half-written export must not stay behind
-        raise {"ExportError": train.export.ExportError, "TemplateError": train.export.TemplateError,
-               "OSError": OSError}[error](message)
+def fail(config):
+    Path(config.output_dir).mkdir(parents=True)  # a half-written export must not stay behind
+    raise {{"ExportError": train.export.ExportError, "TemplateError": train.export.TemplateError,
+            "OSError": OSError}}[{error!r}]({message!r})
 
-    monkeypatch.setattr(train.export, "export", fail)
+train.export.export = fail
+sys.exit(train.export.main(sys.argv[1:]))
+"""
+    monkeypatch.setattr(panel.exports, "program", [sys.executable, "-c", failing])
     assert panel.export("pirate", "gguf", request_from(LOOPBACK)) == (f"Export failed: {message}", None)
     assert written(panel) == []
 

@@ -1,7 +1,13 @@
-"""`python -m train.check FILE`: the dataset doctor. Exit 0 when the file can be trained on, 1 otherwise."""
+"""`python -m train.check FILE`: the dataset doctor. Exit 0 when the file can be trained on, 1 otherwise.
+
+With --json the report is one JSON object on stdout, {"ok": bool, "lines": [the report's lines]}: what the
+app (serve.doctor) reads.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
 from dataclasses import dataclass, field
 
@@ -33,6 +39,11 @@ class CheckConfig:
     )
     max_length: int = field(default=1024, metadata={"help": "Tokens per example, as in train.sft."})
     example: int = field(default=0, metadata={"help": "Index of the example to show rendered."})
+    json: bool = field(
+        default=False,
+        metadata={"help": 'Print the report as one JSON object on stdout: {"ok": bool, "lines": [report lines]} '
+                          "(problems are lines starting \"error: \"); the exit code is the same."},
+    )
 
 
 def mark_trained(tokenizer, item: dict) -> str:
@@ -91,7 +102,12 @@ def diagnose(config: CheckConfig, tokenizer=None) -> tuple[bool, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns 0 when the file can be trained on."""
     argv = sys.argv[1:] if argv is None else argv
-    config = parse_with_positional(CheckConfig, argv, "data", "python -m train.check FILE [--base-model M]")
+    config = parse_with_positional(CheckConfig, argv, "data", "python -m train.check FILE [--base-model M] [--json]")
+    if config.json:
+        with contextlib.redirect_stdout(sys.stderr):  # libraries may print; stdout carries only the object
+            ok, lines = diagnose(config)
+        print(json.dumps({"ok": ok, "lines": lines}, ensure_ascii=False))
+        return 0 if ok else 1
     ok, lines = diagnose(config)
     for line in lines:  # the report on stdout, its problems on stderr
         print(line, file=sys.stderr if line.startswith("error: ") else sys.stdout)

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from assistant.adapters import METHODS
 from assistant.embedded import EMBEDDED
 from assistant.logs import configure
 from train.cli import parse_with_positional
@@ -42,7 +43,7 @@ class SFTConfig:
         metadata=_help("Adapter folder to write (the chat app lists adapters/)."),
     )
     method: str = field(
-        default="lora", metadata=_help("Parameter-efficient method.", choices=["lora", "prefix"])
+        default="lora", metadata=_help("Parameter-efficient method.", choices=list(METHODS))
     )
     base_model: str = field(
         default=EMBEDDED,
@@ -79,6 +80,13 @@ class SFTConfig:
         metadata=_help(
             "Peak learning rate; default 1e-3 for LoRA, 1e-1 for prefix (measured on the embedded model, "
             "README; for bases over ~1B parameters 2e-4 is the usual LoRA choice)."
+        ),
+    )
+    learning_rate_multiplier: float | None = field(
+        default=None,
+        metadata=_help(
+            "Peak learning rate as a multiple of the method's default (OpenAI's learning_rate_multiplier; "
+            "2 with LoRA: 2e-3). Not together with --learning-rate."
         ),
     )
     lr_scheduler: str = field(
@@ -139,13 +147,27 @@ class SFTConfig:
         """Learning rate with the method's default."""
         # LoRA on 2,000 STAR pairs: 1e-3 scored ROUGE-L 0.338 / ref. perplexity 2.76, 2e-4 0.247 / 4.31 (TRL
         # 0.271 / 4.09). Prefix: 1e-2 / 3e-2 / 1e-1 gave eval loss 2.130 / 1.945 / 1.858 on the shipped sample.
-        return self.learning_rate or (1e-3 if self.method == "lora" else 1e-1)
+        if self.learning_rate:
+            return self.learning_rate
+        return (1e-3 if self.method == "lora" else 1e-1) * (self.learning_rate_multiplier or 1.0)
 
 
 def parse_config(argv: list[str]) -> SFTConfig:
     """Parse the command line; DATA may be given positionally."""
     usage = "python -m train.sft DATA [--valid-file F] [--output-dir D] [--method lora|prefix] [--base-model M] ..."
-    return parse_with_positional(SFTConfig, argv, "data", usage, __doc__.split("\n")[0])
+    config = parse_with_positional(SFTConfig, argv, "data", usage, __doc__.split("\n")[0])
+    multiplier = config.learning_rate_multiplier
+    if multiplier is not None and config.learning_rate is not None:
+        _refuse("give --learning-rate or --learning-rate-multiplier, not both")
+    if multiplier is not None and not multiplier > 0:
+        _refuse(f"--learning-rate-multiplier must be above 0, not {multiplier:g}")
+    return config
+
+
+def _refuse(message: str) -> None:
+    """Exit as argparse does on a bad command line (code 2, the message on stderr)."""
+    print(f"python -m train.sft: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> int:

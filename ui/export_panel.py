@@ -1,7 +1,8 @@
 """The chat tab's "Export this adapter" panel: the chosen adapter as a zip for Ollama, llama.cpp or transformers.
 
-The work is train.export's (the same files `python -m train.export` writes, verified with llama.cpp where its
-binding is already built here; the UI never builds it). Each export goes into a fresh folder under a temp
+The work is train.export's, run as its own process by serve.exports (the same files `python -m train.export`
+writes, verified with llama.cpp where its binding is already built here; the UI never builds it); its phases
+show as the progress of the Export button while it runs. Each export goes into a fresh folder under a temp
 folder this app owns (never the adapters folder the menu lists), is zipped for download, and the temp folder
 is removed when the app exits. Exports hand out the adapter's weights, so they follow the Train tab's rule
 (serve.access): a logged-in user, or a caller on this machine. What is shown (train.export's summary, its
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 import gradio as gr
 
 from serve.access import AccessPolicy
+from serve.exports import ExportRunner
 from serve.registry import BASE_CHOICE
 
 if TYPE_CHECKING:
@@ -35,8 +37,8 @@ FORMATS = [  # (label, train.export's --to)
     ("llama.cpp (GGUF LoRA)", "gguf"),
     ("Merged model (safetensors)", "merged"),
 ]
-TAKES = {"ollama": "about 5 s, 25 s with the llama.cpp check", "gguf": "about 5 s, 25 s with the llama.cpp check",
-         "merged": "10-20 s: it loads the model"}
+TAKES = {"ollama": "about 15 s, 35 s with the llama.cpp check", "gguf": "about 15 s, 35 s with the llama.cpp check",
+         "merged": "20-30 s: it loads the model"}
 CHOOSE_AN_ADAPTER = "The base model has no adapter to export: choose an adapter first (the Adapter menu above)."
 KEEP = 3  # exports kept on disk; older ones go (their zips were copied into Gradio's cache when handed out)
 # Weights are stored, not deflated: deflating a merged fp32 model (540 MB) takes about a minute on two cores
@@ -50,9 +52,11 @@ _PROGRESS = gr.Progress()
 class ExportPanel:
     """The panel's components and its export function over the app's model registry."""
 
-    def __init__(self, registry: ModelRegistry, access: AccessPolicy | None, root: str | Path | None = None):
+    def __init__(self, registry: ModelRegistry, access: AccessPolicy | None, root: str | Path | None = None,
+                 exports: ExportRunner | None = None):
         # access None only for in-process use, where no caller is remote (as Handlers and TrainTab take it).
         self.registry, self.access = registry, access
+        self.exports = exports or ExportRunner()  # runs train.export as a process
         self._root = Path(root) if root else None  # None: a temp folder, made on the first export
         self._root_lock = threading.Lock()
 
@@ -98,7 +102,7 @@ class ExportPanel:
         try:
             work = Path(tempfile.mkdtemp(prefix=f"{name}-{to}-", dir=self._exports_root()))
             return self._export(folder, to, work, f"{name}-{to}", progress)
-        except (OSError, ValueError, RuntimeError) as error:  # ExportError, TemplateError: ValueErrors
+        except (OSError, ValueError, RuntimeError) as error:  # ExportFailed (train.export's message): RuntimeError
             logger.info("export of %s to %s failed: %s", folder, to, error)
             failed = f"Export failed: {error}"
         except Exception as error:  # a bug: logged with its traceback, the page gets one line
@@ -109,18 +113,21 @@ class ExportPanel:
         return failed, None
 
     def _export(self, folder: Path, to: str, work: Path, stem: str, progress: gr.Progress) -> tuple[str, str]:
-        from train.export import ExportConfig, export, summary
-
-        # verify left off: checked with llama.cpp when its binding is already built here, never built from
+        # --verify left off: checked with llama.cpp when its binding is already built here, never built from
         # the UI (an hour of compiling).
-        config = ExportConfig(adapter=str(folder), to=to, output_dir=str(work / stem),
-                              base_model=getattr(self.registry, "base_model", None))
-        record = export(config)
+        running = self.exports.start(folder, to, work / stem, base_model=getattr(self.registry, "base_model", None))
+
+        def phase(event: dict) -> None:  # train.export's phases, as the button's progress bar
+            share, message = float(event.get("progress") or 0.0), str(event.get("message", ""))
+            progress(0.1 + 0.75 * share, desc=f"{message[:1].upper()}{message[1:]} "
+                                              f"({event.get('elapsed_s', 0):.0f} s so far; {TAKES[to]} in all)")
+
+        summary = running.wait(phase)  # ExportFailed (a RuntimeError): train.export's message
         progress(0.85, desc="Zipping")
-        archive = zip_folder(Path(record["output_dir"]), work / f"{stem}.zip")
+        archive = zip_folder(work / stem, work / f"{stem}.zip")
         logger.info("exported %s to %s: %s", folder, to, archive)
         progress(1.0, desc="Done")
-        return f"{summary(record)}\nDownload: {archive.name} (unzip it; it holds the {stem} folder).", str(archive)
+        return f"{summary}\nDownload: {archive.name} (unzip it; it holds the {stem} folder).", str(archive)
 
     def _exports_root(self) -> Path:
         """This app's exports folder (made on first use, removed at exit), the oldest exports beyond KEEP removed."""

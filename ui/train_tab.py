@@ -1,7 +1,8 @@
 """The Train tab: choose a dialogue file, read the dataset doctor's report, start a fine-tuning job, watch it.
 
-Jobs run in serve.jobs.JobRunner (train.sft as a separate process, one at a time); this tab only reads
-their files: a gr.Timer asks every TICK_S seconds and the page changes only when the job did. Everything
+Jobs run in serve.jobs.JobRunner (train.sft as a separate process, one at a time); the doctor's report comes
+from serve (a `train.check` process); Start checks its settings with the job contract (serve.job_spec), as the
+API does, so both refuse the same input with the same message. The tab only reads the jobs' files: a gr.Timer asks every TICK_S seconds and the page changes only when the job did. Everything
 shown from a file, a job or the model (the doctor's example, errors, the log, probe replies) is plain text
 in Textboxes, never HTML or Markdown.
 Every action follows the API's rule (serve.access): a logged-in user, or a caller on this machine.
@@ -12,7 +13,6 @@ from __future__ import annotations
 import html
 import logging
 import math
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 import gradio as gr
 import pandas as pd
 
-from assistant.adapters import training_report
+from assistant.adapters import METHODS, training_report
 from serve.access import AccessPolicy
-from serve.jobs import ACTIVE, METHODS, Job, JobError, JobRunner
+from serve.job_spec import RULES, SUFFIX_MAX, JobSpec, JobSpecError, job_spec
+from serve.jobs import ACTIVE, Job, JobError, JobRunner
 
 if TYPE_CHECKING:
     from serve.registry import ModelRegistry
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "data"  # the server's own dialogue files, offered beside the upload
 DATA_SUFFIXES = (".jsonl", ".json", ".csv")
 TICK_S = 2.0  # how often an open page looks at its job
-DEFAULT_BUDGET_MINUTES = 5.0
+DEFAULT_BUDGET_MINUTES = 5.0  # what the field starts at (blank: the job contract's default, no budget)
 BAR_WIDTH = 24
 SERIES_COLORS = {"train": "#2563eb", "eval": "#ea580c"}  # the loss plot's two lines
 NO_JOB = "No fine-tuning job yet: choose a file above and press Start."
@@ -46,8 +47,6 @@ class TrainTab:
                  data_dir: str | Path = DATA_DIR):
         self.runner, self.registry, self.access = runner, registry, access
         self.data_dir = Path(data_dir)
-        self._tokenizers: dict[str, object] = {}
-        self._tokenizer_lock = threading.Lock()
 
     # -- layout --------------------------------------------------------------------------------------
     def layout(self) -> None:
@@ -62,19 +61,23 @@ class TrainTab:
                                          placeholder="The report on the chosen file shows here.",
                                          elem_id="train-report")
             with gr.Column(scale=1):
-                self.method = gr.Radio(list(METHODS), value="lora", label="Method", elem_id="train-method")
-                self.budget = gr.Number(DEFAULT_BUDGET_MINUTES, minimum=0, elem_id="train-budget",
-                                        label="Time budget (minutes, 0: none)")
+                # The fields start at the job contract's defaults; its bounds are checked by Start (the API's
+                # check and message), not by Gradio (which would refuse with words of its own).
+                default = JobSpec.model_fields["method"].default
+                self.method = gr.Radio(list(METHODS), value=default, label="Method", elem_id="train-method")
+                self.budget = _number_field("time_budget_minutes", "Time budget, minutes", "train-budget",
+                                            DEFAULT_BUDGET_MINUTES)
                 with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
-                    self.epochs = gr.Number(None, minimum=0, label="Epochs (blank: 1)")
-                    self.batch_size = gr.Number(None, minimum=1, precision=0, label="Batch size (blank: 8)")
-                    self.lr_multiplier = gr.Number(None, minimum=0,
-                                                   label="Learning-rate multiplier (blank: 1)")
-                    self.max_steps = gr.Number(None, minimum=1, precision=0, label="Max steps (blank: none)")
+                    self.epochs = _number_field("n_epochs", "Epochs", "train-epochs")
+                    self.batch_size = _number_field("batch_size", "Batch size", "train-batch-size")
+                    self.lr_multiplier = _number_field("learning_rate_multiplier", "Learning-rate multiplier",
+                                                       "train-lr-multiplier")
+                    self.max_steps = _number_field("max_steps", "Max steps", "train-max-steps")
                     self.system = gr.Textbox(label="System prompt of rows without one (blank: template's)",
-                                             lines=2)
-                    self.seed = gr.Number(42, precision=0, label="Seed")
-                    self.suffix = gr.Textbox(label="Name suffix of the adapter", max_length=40)
+                                             lines=2, elem_id="train-system")
+                    self.seed = _number_field("seed", "Seed", "train-seed")
+                    self.suffix = gr.Textbox(label="Name suffix of the adapter (letters, digits, - and _)",
+                                             max_length=SUFFIX_MAX, elem_id="train-suffix")
                 self.start_btn = gr.Button("Start", variant="primary", interactive=False,
                                            elem_id="train-start")
         self.progress = gr.Textbox(NO_JOB, label="Job", lines=3, max_lines=4, interactive=False,
@@ -149,51 +152,29 @@ class TrainTab:
         return {"path": str(path), "name": name, "ok": ok}, text, gr.update(interactive=ok)
 
     def doctor(self, path: Path, name: str) -> tuple[bool, str]:
-        """(trainable, report): train.check's report on `path`, naming it `name` as the user knows it."""
-        from train.check import CheckConfig, diagnose
-
-        config = CheckConfig(data=str(path), base_model=self.base_model)
-        ok, lines = diagnose(config, self._tokenizer(config.base_model))
-        return ok, "\n".join(lines).replace(str(path), name)
-
-    @property
-    def base_model(self) -> str:
-        """The model jobs train on (the app's --base-model, else the embedded one)."""
-        from assistant.embedded import EMBEDDED
-
-        return self.runner.base_model or EMBEDDED
-
-    def _tokenizer(self, base: str):
-        from assistant.models import load_tokenizer
-
-        with self._tokenizer_lock:  # loaded once: later reports take well under a second
-            if base not in self._tokenizers:
-                self._tokenizers[base] = load_tokenizer(base)
-            return self._tokenizers[base]
+        """(trainable, report): the dataset doctor's report on `path` (serve runs it), naming it `name`."""
+        report = self.runner.doctor(path)
+        return report.ok, report.text(path, name)
 
     # -- the job -------------------------------------------------------------------------------------
     def start(self, chosen: dict | None, method: str, budget: float | None, epochs: float | None,
               batch_size: float | None, lr_multiplier: float | None, max_steps: float | None, system: str,
               seed: float | None, suffix: str, request: gr.Request) -> str:
-        """Store the chosen file and create a job on it; returns the job's id."""
+        """Check the settings (the job contract, as the API does), store the chosen file and create a job on it;
+        returns the job's id."""
         self._admit(request)
+        try:  # before anything is stored: the same check, and the same message, as the API's
+            spec = job_spec(method=method, time_budget_minutes=budget, n_epochs=epochs, batch_size=batch_size,
+                            learning_rate_multiplier=lr_multiplier, max_steps=max_steps, system_prompt=system,
+                            seed=seed, suffix=suffix)
+        except JobSpecError as error:
+            raise _error(str(error)) from None
         if not chosen or not chosen.get("ok"):
             raise gr.Error("Choose a file the dataset doctor accepts first.")
-        options = {
-            "method": method,
-            "time_budget_minutes": _number(budget, "time budget", minimum=0.0) or 0.0,
-            "n_epochs": _number(epochs, "epochs", minimum=0.0, above=True),
-            "batch_size": _integer(batch_size, "batch size"),
-            "learning_rate_multiplier": _number(lr_multiplier, "learning-rate multiplier", 0.0, above=True),
-            "max_steps": _integer(max_steps, "max steps"),
-            "system_prompt": (system or "").strip() or None,
-            "seed": int(seed) if seed is not None else 42,
-            "suffix": (suffix or "").strip() or None,
-        }
         try:
             data = Path(chosen["path"]).read_bytes()
             stored = self.runner.files.save(data, chosen["name"], "fine-tune")
-            job = self.runner.create(stored.id, **options)
+            job = self.runner.create(stored.id, spec)
         except (OSError, ValueError) as error:  # FileError and JobError are ValueErrors
             raise _error(str(error)) from error
         logger.info("fine-tuning job %s started from the Train tab on %s", job.id, chosen["name"])
@@ -377,8 +358,17 @@ def _losses(events: list[dict]) -> pd.DataFrame:
 
 
 def _error(message: str) -> gr.Error:
-    """An error toast; Gradio renders its message as HTML, and this one may quote a file name or a job."""
-    return gr.Error(html.escape(message))
+    """An error toast; Gradio renders its message as HTML, and this one may quote a file name or a job (quotes
+    need no escaping in text, so a message reads as the API's)."""
+    return gr.Error(html.escape(message, quote=False))
+
+
+def _number_field(name: str, label: str, elem_id: str, value: float | None = None) -> gr.Number:
+    """A number field for the job setting `name`: it starts at the contract's default (or `value`) and says the
+    default and the bounds."""
+    rule = RULES[name]
+    label += "" if rule.zero else f" (default {rule.default:g})"  # what 0 means is in the bounds' words
+    return gr.Number(rule.default if value is None else value, label=label, info=rule.describe(), elem_id=elem_id)
 
 
 def _loss(value) -> str:
@@ -388,19 +378,3 @@ def _loss(value) -> str:
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60}:{seconds % 60:02d}"
-
-
-def _number(value: float | None, what: str, minimum: float, above: bool = False) -> float | None:
-    if value is None:
-        return None
-    if value < minimum or (above and value == minimum):
-        raise gr.Error(f"The {what} must be {'above' if above else 'at least'} {minimum:g}.")
-    return float(value)
-
-
-def _integer(value: float | None, what: str) -> int | None:
-    if value is None:
-        return None
-    if value < 1 or value != int(value):
-        raise gr.Error(f"The {what} must be a whole number of at least 1.")
-    return int(value)

@@ -7,6 +7,10 @@
 
 `--verify` loads the exported files in llama.cpp and compares its greedy replies with this project's
 runtime token by token; a divergence in the first tokens is an error, not a warning.
+
+`--events-file F` appends progress as JSON lines (train.events' format): a "phase" line as each phase starts
+(with "progress", the share of the work done), then "done" (with the summary) or "error": what the app's
+export runner (serve.exports) reads. The phases are logged too.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from assistant.chat_format import TemplateError
 from assistant.embedded import is_embedded
 from assistant.logs import configure
 from train.cli import parse_with_positional
+from train.events import EventLog
 from train.export.gguf_lora import ExportError, refuse_unsupported, write_lora_gguf
 from train.export.roundtrip import TIE_SWING, VERIFY_QUESTIONS
 from train.merge import MergeConfig, check_output_dir, merge
@@ -80,6 +85,11 @@ class ExportConfig:
                           "move activations far from the base's)."},
     )
     threads: int = field(default=2, metadata={"help": "llama.cpp threads while verifying."})
+    events_file: str | None = field(
+        default=None,
+        metadata={"help": "Append progress as JSON lines to this file (phases with the share done, then done or "
+                          "error): what the app's exports read."},
+    )
 
 
 def default_output(config: ExportConfig) -> Path:
@@ -107,9 +117,11 @@ def export(config: ExportConfig) -> dict:
     """Write the export named by config.to; returns its record (also saved as export.json)."""
     if config.to not in TARGETS:
         raise ExportError(f"--to must be one of {', '.join(TARGETS)}, got {config.to!r}")
+    _phase(config, "checking", f"checking {config.adapter}", 0.0)
     adapter_info(config.adapter)  # a clear error when the folder is not an adapter
     target = default_output(config)
     if config.to == "merged":
+        _phase(config, "merging", "merging the adapter into its base model (loads the model)", 0.1)
         folder = merge(MergeConfig(config.adapter, str(target), config.base_model, config.precision))
         return {"to": "merged", "output_dir": str(folder)}
     # Everything that can be refused is refused before anything is written or loaded.
@@ -133,6 +145,7 @@ def export(config: ExportConfig) -> dict:
 
 def _write_gguf_export(config: ExportConfig, staging: Path, base_gguf: Path, python: str | None) -> dict:
     """The gguf (and ollama) files in `staging`, verified when `python` runs llama.cpp; returns the record."""
+    _phase(config, "writing", "copying the base GGUF and writing the LoRA GGUF", 0.2)
     shutil.copy2(base_gguf, staging / base_gguf.name)  # a copy: a link would let an edit reach the original
     write_lora_gguf(config.adapter, base_gguf, staging / LORA_FILE)
     record: dict = {
@@ -142,8 +155,10 @@ def _write_gguf_export(config: ExportConfig, staging: Path, base_gguf: Path, pyt
         "lora_gguf": LORA_FILE,
     }
     if config.to == "ollama":
+        _phase(config, "modelfile", "writing the Modelfile (its template checked by rendering)", 0.5)
         record["modelfile"] = write_ollama(config.adapter, staging, base_gguf.name)
     if python:
+        _phase(config, "verifying", "comparing llama.cpp's greedy replies with ours", 0.6)
         record["verify"] = verify(config, staging / base_gguf.name, staging / LORA_FILE, python)
     else:
         record["verify"] = {"skipped": "llama.cpp's Python binding is not installed here (pass --verify to build it)"}
@@ -196,6 +211,7 @@ def _verifier(config: ExportConfig) -> str | None:
     if config.skip_verify:
         return None
     if config.verify:
+        _phase(config, "llama.cpp", "finding llama.cpp's Python binding (building it takes 5-15 min on 2 cores)", 0.1)
         return ensure_python()
     found = find_python()
     if not found:
@@ -235,13 +251,22 @@ def main(argv: list[str] | None = None) -> int:
         ExportConfig, argv, "adapter", "python -m train.export ADAPTER --to merged|gguf|ollama --output-dir DIR",
         description=__doc__.splitlines()[0],
     )
+    events = EventLog(config.events_file)
     try:
         record = export(config)
     except (OSError, ValueError, RuntimeError) as error:  # ExportError and TemplateError are ValueErrors
         print(f"error: {error}", file=sys.stderr)
+        events.write("error", message=str(error))
         return 2
+    events.write("done", output_dir=record["output_dir"], summary=summary(record))
     print(summary(record))
     return 0
+
+
+def _phase(config: ExportConfig, phase: str, message: str, progress: float) -> None:
+    """A phase starts: logged, and a line of --events-file with the share of the work done before it."""
+    logger.info("%s", message)
+    EventLog(config.events_file).write("phase", phase=phase, message=message, progress=progress)
 
 
 def summary(record: dict) -> str:
