@@ -26,6 +26,7 @@ import gradio as gr
 from serve.access import AccessPolicy
 from serve.exports import ExportRunner
 from serve.registry import BASE_CHOICE
+from ui.access import admit
 
 if TYPE_CHECKING:
     from serve.registry import ModelRegistry
@@ -82,10 +83,10 @@ class ExportPanel:
     def export(self, choice: str | None, to: str, request: gr.Request | None,
                progress: gr.Progress = _PROGRESS) -> tuple[str, str | None]:
         """Export the chosen adapter to `to` (ollama, gguf or merged): (what happened as text, the zip or None)."""
-        refusal = self.access.check_request(request) if self.access else None
-        if refusal:  # checked before anything is read or written
-            logger.info("refused an adapter export: %s", refusal.code)
-            return f"Export refused: {refusal.message}", None
+        try:  # checked before anything is read or written
+            admit(self.access, request, "an adapter export")
+        except gr.Error as refused:
+            return f"Export refused: {refused.message}", None
         if to not in {value for _, value in FORMATS}:  # only the Radio's values, never anything else the page might send
             return f"Choose a format: {', '.join(label for label, _ in FORMATS)}.", None
         choice = choice or self.registry.default_choice()

@@ -24,6 +24,7 @@ from assistant.adapters import METHODS, training_report
 from serve.access import AccessPolicy
 from serve.job_spec import RULES, SUFFIX_MAX, JobSpec, JobSpecError, job_spec
 from serve.jobs import ACTIVE, Job, JobError, JobRunner
+from ui.access import admit
 
 if TYPE_CHECKING:
     from serve.registry import ModelRegistry
@@ -135,14 +136,14 @@ class TrainTab:
 
     def choose_upload(self, path: str | None, request: gr.Request) -> tuple:
         """An uploaded file: the doctor's report, and Start only when it can be trained on."""
-        self._admit(request)
+        admit(self.access, request, "a Train tab action")
         if not path:
             return None, "", gr.update(interactive=False), gr.skip()
         return (*self._checked(Path(path), Path(path).name), None)
 
     def choose_data_file(self, name: str | None, request: gr.Request) -> tuple:
         """A file of the data folder: the doctor's report, and Start only when it can be trained on."""
-        self._admit(request)
+        admit(self.access, request, "a Train tab action")
         if not name or name not in self.data_files():  # only names listed here, never a path from the page
             return None, "", gr.update(interactive=False), gr.skip()
         return (*self._checked(self.data_dir / name, name), None)
@@ -162,7 +163,7 @@ class TrainTab:
               seed: float | None, suffix: str, request: gr.Request) -> str:
         """Check the settings (the job contract, as the API does), store the chosen file and create a job on it;
         returns the job's id."""
-        self._admit(request)
+        admit(self.access, request, "a Train tab action")
         try:  # before anything is stored: the same check, and the same message, as the API's
             spec = job_spec(method=method, time_budget_minutes=budget, n_epochs=epochs, batch_size=batch_size,
                             learning_rate_multiplier=lr_multiplier, max_steps=max_steps, system_prompt=system,
@@ -182,12 +183,12 @@ class TrainTab:
 
     def stop(self, job_id: str | None, request: gr.Request) -> None:
         """Pause the job: the training process ends, its last checkpoint stays for Resume."""
-        self._admit(request)
+        admit(self.access, request, "a Train tab action")
         self._act(self.runner.pause, job_id)
 
     def resume(self, job_id: str | None, request: gr.Request) -> None:
         """Put a paused job back in line; it continues from its last checkpoint."""
-        self._admit(request)
+        admit(self.access, request, "a Train tab action")
         self._act(self.runner.resume, job_id)
 
     def _act(self, action, job_id: str | None) -> None:
@@ -274,13 +275,6 @@ class TrainTab:
             raise _error(f"The adapter {name} is not in the adapter menu (see the log for why).")
         return (gr.update(selected=self.chat_tab), gr.update(choices=choices, value=name), True,
                 toggle_compare(True, name, history))
-
-    def _admit(self, request: gr.Request | None) -> None:
-        """Training costs minutes of CPU: a logged-in user or a caller on this machine (the API's rule)."""
-        refusal = self.access.check_request(request) if self.access else None
-        if refusal:
-            logger.info("refused a Train tab action: %s", refusal.code)
-            raise gr.Error(refusal.message)
 
 
 def progress_text(job: Job, events: list[dict]) -> str:
