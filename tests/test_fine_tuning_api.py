@@ -29,16 +29,17 @@ UPLOAD_LIMIT_MB = 0.25
 def app(tmp_path_factory) -> Server:
     """The app with its own adapters and jobs folders, the fine-tuning API mounted beside /v1."""
     from serve.registry import BASE_CHOICE, ModelRegistry
-    from ui.app import build_app, job_runner, mount_openai_api
+    from serve.server import job_runner
+    from ui.app import build_app
     from ui.config import ChatConfig
 
     root = tmp_path_factory.mktemp("fine-tuning")
     config = ChatConfig(adapters_dir=str(root / "adapters"), jobs_dir=str(root / "jobs"), max_upload_mb=UPLOAD_LIMIT_MB)
     registry = ModelRegistry(config.adapters_dir, default=BASE_CHOICE)
-    jobs = job_runner(config, registry, extra_args=FAST)
+    jobs = job_runner(config, registry, train_args=FAST)
     demo = build_app(config, registry=registry, jobs=jobs)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    mount_openai_api(demo, config)
+    demo.service.mount(demo.app)
     yield Server(url.rstrip("/") + "/", demo, registry)
     jobs.close()
     demo.close()
@@ -267,13 +268,13 @@ def test_a_caller_from_another_machine_without_a_key_is_refused(app, tmp_path):
 
 def test_no_training_turns_the_api_off(tmp_path):
     from serve.registry import BASE_CHOICE, ModelRegistry
-    from ui.app import build_app, mount_openai_api
+    from ui.app import build_app
     from ui.config import ChatConfig
 
     config = ChatConfig(adapters_dir=str(tmp_path / "adapters"), jobs_dir=str(tmp_path / "jobs"), no_training=True)
     demo = build_app(config, registry=ModelRegistry(config.adapters_dir, default=BASE_CHOICE))
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    mount_openai_api(demo, config)
+    demo.service.mount(demo.app)
     try:
         assert demo.jobs is None and not (tmp_path / "jobs").exists()
         client = OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
@@ -289,7 +290,7 @@ def test_no_training_turns_the_api_off(tmp_path):
 
 def test_one_server_per_jobs_folder(app, tmp_path):
     """A second runner on a folder whose jobs run would pause and kill them ("recover"): it is refused."""
-    from ui.app import job_runner
+    from serve.server import job_runner
     from ui.config import ChatConfig
 
     jobs_dir = str(app.demo.jobs.root)

@@ -110,7 +110,7 @@ def test_a_client_that_disconnects_stops_its_generation(client, forced_long_repl
 
 
 def test_wrong_key_gets_401_and_the_right_one_works(app_server, monkeypatch):
-    from ui.app import build_app, mount_openai_api
+    from ui.app import build_app
     from ui.config import ChatConfig
 
     monkeypatch.setenv("ASSISTANT_API_KEY", "s3cret")
@@ -119,7 +119,7 @@ def test_wrong_key_gets_401_and_the_right_one_works(app_server, monkeypatch):
     _, url, _ = demo.launch(
         server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True
     )
-    mount_openai_api(demo, config)
+    demo.service.mount(demo.app)
     try:
         with pytest.raises(AuthenticationError) as denied:
             OpenAI(base_url=url + "v1", api_key="wrong", max_retries=0).models.list()

@@ -37,7 +37,6 @@ class TrainApp:
 @pytest.fixture(scope="module")
 def train_app(browser, tmp_path_factory):
     """The real app (embedded model) whose jobs train 6 steps; the page looks at its job every 0.5 s."""
-    from assistant.generation import GenerationParams
     from serve.files import FileStore
     from serve.jobs import JobRunner
     from serve.registry import BASE_CHOICE, ModelRegistry
@@ -52,7 +51,7 @@ def train_app(browser, tmp_path_factory):
     tick, train_tab.TICK_S = train_tab.TICK_S, 0.5
     try:
         demo = build_app(config, registry=registry, jobs=runner,
-                         defaults=GenerationParams(max_new_tokens=12, temperature=0.0))
+                         defaults={"max_new_tokens": 12, "temperature": 0.0})
     finally:
         train_tab.TICK_S = tick
     registry.get(BASE_CHOICE)  # loaded now, not inside a test's timing
