@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,10 @@ def read_folder(folder: str | Path) -> AdapterFolder:
     with _cache_lock:
         cached = _cache.get(key)
     if cached is not None and cached.signature == signature and cached.path == path:
-        return cached
+        # The base of an adapter from elsewhere on the embedded model's Hub twin depends on the Hub cache,
+        # not on the folder's files: decided anew (a cheap file check) so a later download is followed.
+        base = _base(cached.named_base, cached.report) if cached.method else cached.base
+        return cached if base == cached.base else replace(cached, base=base)
     read = _read(path, signature)
     with _cache_lock:
         _cache[key] = read

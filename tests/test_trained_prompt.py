@@ -86,8 +86,9 @@ def served_ids(registry: ModelRegistry, choice: str, monkeypatch) -> dict[str, l
     handlers = Handlers(registry, StopSignals(), lambda fn: fn)
     request = SimpleNamespace(session_hash="test")
     # The UI: the system prompt box as the app fills it when this adapter is chosen.
-    _, system = handlers.use_trained_prompt(choice, DEFAULT_PROMPT, list_prompts()[DEFAULT_PROMPT])
-    for _ in handlers.send(ROW["prompt"], [], [], choice, False, system, 0.0, 1.0, 0, 1.0, 16, -1, request):
+    menu, system = handlers.use_trained_prompt(choice, DEFAULT_PROMPT, list_prompts()[DEFAULT_PROMPT])
+    for _ in handlers.send(ROW["prompt"], [], [], choice, False, menu["value"], system, 0.0, 1.0, 0, 1.0, 16, -1,
+                           request):
         pass
     for _ in handlers.api_chat(ROW["prompt"], adapter=choice, request=request):  # /chat, no system prompt
         pass

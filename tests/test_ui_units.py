@@ -178,3 +178,23 @@ def test_stop_ends_both_replies_of_compare_mode():
         adapter_side, base_side = stopper.next_event(), stopper.next_event()  # streamed at the same time
         signals.stop("browser")
         assert adapter_side.is_set() and base_side.is_set()
+
+
+def test_a_new_model_choice_moves_the_sampling_sliders_and_keeps_the_users_length():
+    """The sliders follow what each model is served with; the reply length stays the user's unless a model
+    sets its own."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from ui.handlers import Handlers
+
+    own = {"base model": {}, "tuned": {"repetition_penalty": 1.05, "do_sample": False},
+           "short": {"max_new_tokens": 32}}
+    registry = SimpleNamespace(generation_defaults=lambda choice: own[choice])
+    handlers = Handlers(registry, StopSignals(), lambda fn: fn)
+    temperature, _, _, penalty, length = handlers.generation_sliders("tuned")
+    assert (temperature, penalty) == (0.0, 1.05)
+    assert length == gr.skip(), "the length slider is left where the user put it"
+    assert handlers.generation_sliders("base model")[3] != 1.05
+    assert handlers.generation_sliders("short")[4] == 32

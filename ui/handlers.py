@@ -155,9 +155,11 @@ class Handlers:
         return GenerationParams.resolve(self.registry.generation_defaults(choice), **self.slider_overrides)
 
     def generation_sliders(self, choice: str) -> tuple:
-        """On a new model choice: the sliders move to the settings it is served with."""
+        """On a new model choice: the sampling sliders move to the settings it is served with; the reply length
+        stays where the user put it unless the model sets one of its own."""
         d = self.slider_settings(choice)
-        return d.temperature, d.top_p, d.top_k, d.repetition_penalty, d.max_new_tokens
+        own_length = "max_new_tokens" in self.registry.generation_defaults(choice)
+        return d.temperature, d.top_p, d.top_k, d.repetition_penalty, d.max_new_tokens if own_length else gr.skip()
 
     def prompt_text(self, name: str, choice: str, current: str) -> str:
         """Text of a prompt menu entry ("custom" keeps the box as it is)."""
