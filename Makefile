@@ -24,10 +24,12 @@ train: setup
 
 test: setup
 	$(PY) -m ruff check .
+	.venv/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 lint: setup
 	$(PY) -m ruff check .
+	.venv/bin/lint-imports --no-cache
 
 bench: setup
 	$(PY) -m bench.train_speed

@@ -23,6 +23,33 @@ DATA = Path(__file__).parent / "data"
 FAST = ["--batch-size", "4", "--probes", "2", "--probe-tokens", "12", "--logging-steps", "1"]
 CHROMIUM = Path("/usr/bin/chromium")
 INSTALL_CHROMIUM = "apt-get install -y chromium"  # what .ci/run does on a fresh machine
+RUN = "; to run them: "
+
+
+def needs(why: str, command: str) -> str:
+    """A skip reason that carries the command making the skipped tests run: 'WHY; to run them: COMMAND'.
+
+    `make test` ends with a block that groups the skipped tests by reason and prints each command."""
+    return f"{why}{RUN}{command}"
+
+
+# Every skip in the suite, each with what makes its tests run (.ci/run does the installs and the build).
+NEEDS_CHROMIUM = needs(f"Browser tests, the only tests of what a user sees: no Debian chromium at {CHROMIUM}",
+                       INSTALL_CHROMIUM)
+NEEDS_PLAYWRIGHT = needs("Browser tests, the only tests of what a user sees: playwright is not installed",
+                         ".venv/bin/pip install -r requirements-dev.txt")
+NEEDS_GO = needs("Go template checks (our renderer against Go's own text/template): Go is not installed",
+                 "apt-get install -y golang-go")
+NEEDS_LLAMACPP = needs("llama.cpp round trips (the export's --verify): llama.cpp's Python binding is not built",
+                       "apt-get install -y cmake g++ && .venv/bin/python -m train.export.llamacpp --build")
+NEEDS_CUDA = needs("GPU tests (8-bit serving, QLoRA training): torch sees no CUDA device",
+                   "make test on a machine with an NVIDIA GPU (requirements.txt's torch from PyPI is a CUDA build)")
+NEEDS_BF16 = needs("int4 serving: this CPU has no bf16 units (AVX512-BF16 or AMX)",
+                   "make test on a CPU whose `lscpu` flags show avx512_bf16 or amx_bf16")
+NEEDS_NO_CUDA = needs("CPU-only checks (GPU options refused clearly without CUDA): this machine has CUDA",
+                      "CUDA_VISIBLE_DEVICES= .venv/bin/python -m pytest -q tests/test_train.py")
+NEEDS_DATASETS = needs("Hugging Face dataset folders: the datasets package is not installed",
+                       ".venv/bin/pip install -r requirements.txt")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--headless",
@@ -210,11 +237,11 @@ def forced_long_replies(monkeypatch) -> list[int]:
 def browser():
     """Headless Debian chromium driven by Playwright (skipped where it is not installed)."""
     if not CHROMIUM.exists():
-        pytest.skip(f"needs Debian chromium ({CHROMIUM}): {INSTALL_CHROMIUM}")
+        pytest.skip(NEEDS_CHROMIUM)
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("needs playwright: .venv/bin/pip install -r requirements-dev.txt")
+        pytest.skip(NEEDS_PLAYWRIGHT)
 
     # Playwright's own browser downloads are never used; keep it from looking for them.
     os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
@@ -256,20 +283,35 @@ def open_page(browser, app_server):
         context.close()
 
 
+def skip_reason(report) -> str:
+    """The reason a skipped test (or module) gave, without pytest's "Skipped: " prefix."""
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else longrepr
+    return str(reason).removeprefix("Skipped: ")
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    """A closing block when the browser tests were skipped (no chromium or playwright): "N skipped" alone
-    reads like nothing is wrong, yet these are the only tests of what a user sees."""
-    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "browser" in r.keywords]
+    """A closing block naming every group of skipped tests and the command that makes it run: "N skipped"
+    alone reads like nothing is wrong, yet the browser tests, the llama.cpp round trips and the Go checks
+    are the only tests of what a user sees, of what Ollama runs and of the templates it renders."""
+    skipped = terminalreporter.stats.get("skipped", [])
     if not skipped:
         return
-    reasons = sorted({str(r.longrepr[2]).removeprefix("Skipped: ") for r in skipped if isinstance(r.longrepr, tuple)})
+    groups: dict[str, list] = {}
+    for report in skipped:
+        groups.setdefault(skip_reason(report), []).append(report)
+    tests = "test was" if len(skipped) == 1 else "tests were"
+    terminalreporter.write_sep("=", f"{len(skipped)} {tests} skipped: run each command below, then make test",
+                               yellow=True, bold=True)
     write = terminalreporter.write_line
-    tests = "browser test did" if len(skipped) == 1 else "browser tests did"
-    terminalreporter.write_sep("=", f"{len(skipped)} {tests} not run", yellow=True, bold=True)
-    write("They drive the app in a real browser: replies streaming into the page, Stop, each browser's own")
-    write("history, HTML and images in messages shown as text, reload, retry/undo/edit and compare mode.")
-    for reason in reasons:
-        write(f"  skipped: {reason}")
-    if not CHROMIUM.exists():
-        write(f"Install chromium, then run make test again:  {INSTALL_CHROMIUM}", yellow=True, bold=True)
+    for reason, reports in sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])):
+        why, _, command = reason.partition(RUN)
+        files = sorted({report.nodeid.split("::")[0] for report in reports})
+        count = f"{len(reports)} test" + ("" if len(reports) == 1 else "s")
+        write(why, bold=True)
+        write(f"    {count} in {', '.join(files)}")
+        if command:
+            write(f"    to run them: {command}", yellow=True, bold=True)
+        else:
+            write("    no command given: skip with tests.conftest.needs(why, command)", red=True, bold=True)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import NEEDS_CHROMIUM
+
 ROOT = Path(__file__).resolve().parent.parent
 
 REQUIRED = {
@@ -110,7 +112,7 @@ def test_concurrency_over_adapters_quick(tmp_path: Path) -> None:
 @pytest.mark.browser
 def test_first_token_quick(tmp_path: Path) -> None:
     if not Path("/usr/bin/chromium").exists():
-        pytest.skip("needs Debian chromium (/usr/bin/chromium): apt-get install -y chromium")
+        pytest.skip(NEEDS_CHROMIUM)
     final, saved, _ = run_quick("first_token", tmp_path, 600)
     assert final["rounds"] == 2 == len(saved["times_s"]) and 0 < final["median_s"] <= final["max_s"] < 60, final
 

@@ -16,7 +16,7 @@ import pytest
 
 from assistant.adapters import TrainedPrompt, adapter_base, write_trained_prompt
 from assistant.embedded import EMBEDDED, EMBEDDED_HUB_ID, gguf_path
-from tests.conftest import ROOT
+from tests.conftest import NEEDS_LLAMACPP, ROOT
 
 SYSTEM = "You are the support agent of a travel company. Answer briefly."
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -229,8 +229,7 @@ def _binding() -> str | None:
 
 needs_llamacpp = pytest.mark.skipif(
     _binding() is None,
-    reason="llama.cpp's Python binding is not built here: `make bench` or `python -m train.export ADAPTER "
-    "--verify` builds it (a few minutes)",
+    reason=NEEDS_LLAMACPP,
 )
 
 

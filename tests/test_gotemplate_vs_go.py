@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import NEEDS_GO
 from tests.test_ollama import HEADINGS, LLAMA3, ZEPHYR
 from train.export.gotemplate import render_go
 from train.export.ollama import TEMPLATE_CHECKS, go_template, ollama_data
 
 GO = shutil.which("go")
-pytestmark = pytest.mark.skipif(GO is None, reason="Go is not installed: apt-get install -y golang-go (.ci/run does)")
+pytestmark = pytest.mark.skipif(GO is None, reason=NEEDS_GO)
 
 MESSAGES = {"Messages": [{"Role": "system", "Content": "S"}, {"Role": "user", "Content": "a\nb"},
                          {"Role": "assistant", "Content": "c"}, {"Role": "user", "Content": "d"}],

@@ -9,8 +9,9 @@ import torch
 
 from assistant.generation import GenerationParams, complete_reply
 from assistant.loading import load_chat_model
+from tests.conftest import NEEDS_CUDA
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA)]
 
 ROOT = Path(__file__).parent.parent
 

@@ -12,7 +12,7 @@ from assistant.embedded import embedded_model_dir
 from assistant.loading import load_chat_model
 from assistant.models import cpu_has_bf16, pick_precision
 from assistant.quant import GROUP, QUANT_ROWS, Int4Linear, Int8Linear, quantize_for_cpu
-from tests.conftest import DATA, tiny_llama
+from tests.conftest import DATA, NEEDS_BF16, tiny_llama
 
 
 def q4_1_linear(out_features: int = 96, in_features: int = 128) -> nn.Linear:
@@ -125,7 +125,7 @@ def test_int4_is_as_faithful_as_bf16_on_the_embedded_model():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not cpu_has_bf16(), reason="int4 serving needs a CPU with bf16 units (AVX512-BF16 or AMX)")
+@pytest.mark.skipif(not cpu_has_bf16(), reason=NEEDS_BF16)
 def test_int4_replies_decode_every_quantized_layer_through_the_packed_kernel(monkeypatch):
     from assistant.generation import GenerationParams, complete_reply, fit_history
 

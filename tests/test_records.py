@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import NEEDS_DATASETS
 from train.records import DataError, Example, load_examples
 
 DATA = Path(__file__).parent / "data"
@@ -276,7 +277,7 @@ def test_csv_alpaca_and_errors(tmp_path):
 
 
 def test_datasets_folder(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets", reason=NEEDS_DATASETS)
     # from_list takes its columns from the first row; the second row's missing system is stored as null
     rows = [{"prompt": "Hi", "response": "Hello", "system": "Be brief."}, PAIR]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))

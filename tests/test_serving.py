@@ -14,6 +14,7 @@ from assistant.generation import GenerationParams, complete_reply
 from assistant.loading import load_chat_model
 from serve import registry as registry_module
 from serve.registry import BASE_CHOICE, ChoiceError, ModelRegistry
+from tests.conftest import NEEDS_BF16
 
 GREEDY = GenerationParams(max_new_tokens=10, temperature=0.0)
 HELLO = [{"role": "user", "content": "Hello, how are you today?"}]
@@ -71,7 +72,7 @@ def test_adapters_share_one_base_and_decode_in_one_batch(adapters_dir, precision
     from assistant.models import cpu_has_bf16
 
     if precision == "int4" and not cpu_has_bf16():
-        pytest.skip("int4 serving needs a CPU with bf16 units (AVX512-BF16 or AMX)")
+        pytest.skip(NEEDS_BF16)
     registry = ModelRegistry(adapters_dir, precision=precision)
     choices = [BASE_CHOICE, "pirate", "prefix", "sailor"]
     assert registry.choices == choices

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from assistant.chat_format import encode_prompt
 from assistant.generation import GenerationParams, complete_reply
 from assistant.loading import load_chat_model
-from tests.conftest import DATA, FAST, ROOT, sft, sft_killed_at
+from tests.conftest import DATA, FAST, NEEDS_NO_CUDA, ROOT, sft, sft_killed_at
 from train.records import load_examples
 from train.verify import AdapterCheckError, check_weights, verify_adapter
 
@@ -212,7 +212,7 @@ def test_dataset_doctor_reports_and_marks_trained_tokens():
 
 def test_bitsandbytes_options_fail_clearly_without_cuda(tmp_path):
     if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+        pytest.skip(NEEDS_NO_CUDA)
     done = sft(str(DATA / "valid_pairs.jsonl"), "--load-in-8bit", "--output-dir", str(tmp_path / "never"))
     assert done.returncode == 2 and "--load-in-8bit" in done.stderr and "CUDA" in done.stderr
 

@@ -27,7 +27,6 @@ from assistant.chat_format import encode_prompt, render_chat
 from assistant.generation import GenerationParams, reply_tokens
 from assistant.loading import ChatModel, load_chat_model
 from train.export.gguf_lora import ExportError
-from train.export.llamacpp import run_worker
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +57,9 @@ def round_trip(
     tie_logits: float = TIE_SWING,
 ) -> dict:
     """Compare llama.cpp on (base_gguf + lora_gguf) with this runtime on `adapter`; ExportError on a mismatch."""
+    # Imported here: `python -m train.export.llamacpp` must not find its module loaded by this package.
+    from train.export.llamacpp import run_worker
+
     started = time.monotonic()
     # fp32 on the embedded model computes with exactly the GGUF's (de-quantized) weights.
     chat = load_chat_model(adapter=adapter, precision="fp32")
