@@ -312,11 +312,18 @@ def write_report(folder: Path, report: dict) -> None:
 
 
 def write_generation(folder: Path, settings: dict) -> None:
-    """Record the sampling defaults to serve the folder with, as Hugging Face's generation_config.json."""
+    """Record the sampling defaults to serve the folder with, as Hugging Face's generation_config.json.
+
+    A model's own file there (a merged folder's: eos, bos and pad ids) keeps its other fields; its sampling
+    fields are replaced by `settings` as a whole (the folder serves with these, not a mix with the base's).
+    """
     unknown = set(settings) - set(SAMPLING_FIELDS)
     if unknown:
         raise ValueError(f"not generation settings the app serves with: {', '.join(sorted(unknown))}")
-    (folder / GENERATION_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    path = Path(folder) / GENERATION_FILE
+    # "_from_model_config": the file no longer merely repeats the model's config.json.
+    kept = {k: v for k, v in _json_object(path).items() if k not in SAMPLING_FIELDS and k != "_from_model_config"}
+    path.write_text(json.dumps({**kept, **settings}, indent=2, sort_keys=True) + "\n")
 
 
 # -- the prompt rule -------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 ROOT = Path(__file__).parent.parent
 DATA = Path(__file__).parent / "data"
-# Tiny real training runs: small batches, short probe replies.
-FAST = ["--batch-size", "4", "--probes", "2", "--probe-tokens", "12", "--logging-steps", "1"]
+# Tiny real training runs: small batches, short probe replies, no choice of generation settings (a run that
+# tests it passes its own --generation-rows).
+FAST = ["--batch-size", "4", "--probes", "2", "--probe-tokens", "12", "--logging-steps", "1", "--generation-rows", "0"]
 CHROMIUM = Path("/usr/bin/chromium")
 INSTALL_CHROMIUM = "apt-get install -y chromium"  # what .ci/run does on a fresh machine
 RUN = "; to run them: "
@@ -107,13 +108,13 @@ def wait_for(condition, timeout: float = 30.0, interval: float = 0.1, what: str 
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def sft(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def sft(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run `python -m train.sft` the way a user does."""
     cmd = [sys.executable, "-m", "train.sft", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def sft_killed_at(marker: Path, *args: str, timeout: float = 300) -> bool:
+def sft_killed_at(marker: Path, *args: str, timeout: float = 900) -> bool:
     """Run `python -m train.sft` and SIGKILL it as soon as `marker` exists; True when it got that far."""
     proc = subprocess.Popen([sys.executable, "-m", "train.sft", *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -126,7 +127,7 @@ def sft_killed_at(marker: Path, *args: str, timeout: float = 300) -> bool:
 
 
 def _train(folder: Path, *args: str) -> Path:
-    done = sft(str(DATA / "valid_pairs.jsonl"), "--output-dir", str(folder), *args, *FAST)
+    done = sft(str(DATA / "valid_pairs.jsonl"), "--output-dir", str(folder), *FAST, *args)  # its own args win
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == done.stdout.strip().splitlines()[-1], "stdout is the one result line"
     assert done.stdout.startswith(f"adapter written to {folder}")
@@ -135,8 +136,10 @@ def _train(folder: Path, *args: str) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_lora(tmp_path_factory) -> Path:
-    """A LoRA adapter from a real 4-step train.sft run on the embedded model."""
-    return _train(tmp_path_factory.mktemp("runs") / "lora", "--max-steps", "4", "--learning-rate", "1e-3")
+    """A LoRA adapter from a real 4-step train.sft run on the embedded model, its generation settings chosen
+    on 2 validation rows."""
+    return _train(tmp_path_factory.mktemp("runs") / "lora", "--max-steps", "4", "--learning-rate", "1e-3",
+                  "--generation-rows", "2")
 
 
 @pytest.fixture(scope="session")

@@ -119,7 +119,8 @@ def test_a_job_of_a_server_started_in_another_folder_finds_its_files(tmp_path, m
     """Folders given relative to the server's folder (not the repository, where train's commands run)."""
     monkeypatch.chdir(tmp_path)
     runner = JobRunner("jobs", "adapters", FileStore("jobs/files"),
-                       extra_args=["--batch-size", "4", "--probes", "1", "--probe-tokens", "4"])
+                       extra_args=["--batch-size", "4", "--probes", "1", "--probe-tokens", "4",
+                                   "--generation-rows", "0"])
     try:
         upload = runner.files.save((DATA / "valid_pairs.jsonl").read_bytes(), "pairs.jsonl", "fine-tune")
         job = runner.create(upload.id, job_spec(max_steps=2, system_prompt="Be brief."))

@@ -19,7 +19,8 @@ from tests.conftest import DATA, ROOT, wait_for
 
 pytestmark = pytest.mark.slow
 
-FAST = ["--batch-size", "4", "--probes", "1", "--probe-tokens", "8", "--logging-steps", "1", "--save-steps", "2"]
+FAST = ["--batch-size", "4", "--probes", "1", "--probe-tokens", "8", "--logging-steps", "1", "--save-steps", "2",
+        "--generation-rows", "0"]
 
 
 def upload(files: FileStore, path: Path) -> str:

@@ -11,7 +11,7 @@ from tests.conftest import DATA, free_port, wait_for
 
 # A real train.sft run, kept short: 6 steps with a loss logged at each, one short probe reply.
 FAST_JOB = ["--batch-size", "4", "--probes", "1", "--probe-tokens", "8", "--logging-steps", "1",
-            "--max-steps", "6"]
+            "--max-steps", "6", "--generation-rows", "0"]
 POINTS = "#train-plot [aria-roledescription='point']:not([aria-label*='null'])"  # drawn loss points
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -61,6 +63,38 @@ def split_reference(example: Example) -> tuple[list[dict], str]:
     return example.messages[:last], example.messages[last]["content"]
 
 
+@functools.cache
+def _rouge_scorer():
+    from rouge_score import rouge_scorer  # imported on first use: it is slow to import
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(reference: str, reply: str) -> float:
+    """ROUGE-L F1 of `reply` against `reference` (stemmed): the reply score of train.eval and train.sampling."""
+    return _rouge_scorer().score(reference, reply)["rougeL"].fmeasure
+
+
+def replies(
+    chat: ChatModel,
+    contexts: Sequence[list[dict]],
+    params: GenerationParams,
+    *,
+    use_adapter: bool = True,
+    desc: str = "replies",
+) -> list[str]:
+    """The replies to `contexts` as the app serves them (complete_reply: the prompt rule, the batch engine).
+
+    They are requested together, so the engine decodes them in batches as the app would.
+    """
+
+    def answer(context: list[dict]) -> str:
+        return complete_reply(chat, context, params, use_adapter=use_adapter)
+
+    with ThreadPoolExecutor(MAX_BATCH) as pool:
+        return list(tqdm(pool.map(answer, contexts), total=len(contexts), desc=desc, unit="row"))
+
+
 @torch.inference_mode()
 def row_nll(chat: ChatModel, example: Example, max_length: int) -> tuple[float, int]:
     """Summed loss and token count over the assistant turns of one example (teacher forcing)."""
@@ -92,10 +126,8 @@ def score(
     system = system or chat.trained_prompt
 
     import sacrebleu
-    from rouge_score import rouge_scorer
 
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     text = system.text if system else None
     examples = [replace(e, messages=messages_for(e.messages, text)) for e in rows]
     nll, tokens = 0.0, 0
@@ -105,19 +137,14 @@ def score(
             loss, count = row_nll(chat, example, max_length)
         nll, tokens = nll + loss, tokens + count
 
-    def answer(example: Example) -> str:
-        return complete_reply(chat, split_reference(example)[0], params, use_adapter=use_adapter)
-
-    # Replies are requested together, so the engine decodes them in batches as the app would.
-    with ThreadPoolExecutor(MAX_BATCH) as pool:
-        replies = list(tqdm(pool.map(answer, examples), total=len(examples), desc=f"{desc}, replies", unit="row"))
+    contexts = [split_reference(example)[0] for example in examples]
+    answers = replies(chat, contexts, params, use_adapter=use_adapter, desc=f"{desc}, replies")
     results = []
-    for example, reply in zip(examples, replies, strict=True):
+    for example, reply in zip(examples, answers, strict=True):
         context, reference = split_reference(example)
-        rouge = scorer.score(reference, reply)["rougeL"].fmeasure
         prompt = next((m["content"] for m in reversed(context) if m["role"] == "user"), "")  # what was asked
         results.append({"source": example.source, "prompt": prompt, "reference": reference, "reply": reply,
-                        "rouge_l": round(rouge, 4)})
+                        "rouge_l": round(rouge_l(reference, reply), 4)})
     bleu = sacrebleu.corpus_bleu([r["reply"] for r in results], [[r["reference"] for r in results]]).score
     return {
         "perplexity": round(math.exp(nll / max(tokens, 1)), 3),

@@ -1,7 +1,7 @@
 """`--events-file`: one JSON line per thing a watcher wants to know, as the run goes.
 
 Lines (each has "event" and "time", Unix seconds):
-- phase: {"phase": "data" | "base_eval" | "training" | "checks" | "published", "message"}
+- phase: {"phase": "data" | "base_eval" | "training" | "checks" | "generation" | "published", "message"}
 - metrics: {"step", "max_steps", "epoch", "train_loss" | "eval_loss", "learning_rate", "tokens_per_s",
   "eta_s"} at every logged step and evaluation
 - checkpoint: {"step", "path", "train_loss", "eval_loss"} when a checkpoint is complete

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from assistant.adapters import PROMPT_FILE, adapter_info, method_of
+from assistant.adapters import adapter_info, method_of, read_folder, write_generation, write_trained_prompt
 from assistant.loading import load_chat_model
 from assistant.logs import configure
 from train.cli import parse_with_positional
@@ -63,8 +63,13 @@ def merge(config: MergeConfig) -> Path:
     chat.tokenizer.save_pretrained(staging)
     record = {"adapter": str(Path(config.adapter).resolve()), "base_model": chat.base_model}
     (staging / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    if (Path(config.adapter) / PROMPT_FILE).is_file():  # the system prompt it was trained with goes along
-        shutil.copy2(Path(config.adapter) / PROMPT_FILE, staging / PROMPT_FILE)
+    # The merged folder serves as the adapter did: with the system prompt it was trained with and its
+    # generation settings (merged into the model's own generation_config.json, whose eos ids stay).
+    adapter = read_folder(config.adapter)
+    if adapter.prompt is not None:
+        write_trained_prompt(staging, adapter.prompt)
+    if adapter.generation:
+        write_generation(staging, adapter.generation)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target

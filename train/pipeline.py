@@ -8,7 +8,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from assistant.adapters import TrainedPrompt, write_report, write_trained_prompt, written_by_trainer
+from assistant.adapters import (
+    GENERATION_FILE,
+    TrainedPrompt,
+    write_generation,
+    write_report,
+    write_trained_prompt,
+    written_by_trainer,
+)
 from assistant.chat_format import TemplateError
 from assistant.embedded import public_name
 from assistant.models import device, load_base_model, load_tokenizer, pick_precision
@@ -252,6 +259,33 @@ def base_eval_loss(trainer, model) -> float | None:
     return loss
 
 
+def pick_generation(config, chat, rows: list[Example], folder: Path, events) -> dict | None:
+    """Choose the generation settings `folder` is served with on `rows` and write them (generation_config.json).
+
+    Returns the choice for the training report (settings and each candidate's score); None when
+    --generation-rows is 0. A failure is a warning: the adapter is published without the file and serves
+    with its base's defaults.
+    """
+    from train.sampling import choose_generation
+
+    if config.generation_rows <= 0:
+        logger.info("generation settings: not measured (--generation-rows 0); the adapter serves with its base's")
+        return None
+    count = min(config.generation_rows, len(rows))
+    events.phase("generation", f"choosing the generation settings on {count} validation rows")
+    logger.info("choosing the generation settings on %d validation rows", count)
+    try:
+        choice = choose_generation(
+            chat, rows, max_rows=config.generation_rows, max_new_tokens=config.probe_tokens, seed=config.seed
+        )
+        write_generation(folder, choice["settings"])
+    except Exception as error:  # the trained adapter matters more than its sampling defaults
+        logger.warning("generation settings not chosen (%s); the adapter serves with its base's defaults", error)
+        (folder / GENERATION_FILE).unlink(missing_ok=True)
+        return {"error": f"{type(error).__name__}: {error}"}
+    return choice
+
+
 def run(config) -> str:
     """Train, save, check and publish the adapter; returns the one-line result."""
     from transformers import EarlyStoppingCallback
@@ -325,9 +359,10 @@ def run(config) -> str:
         write_trained_prompt(staging, data.prompt)
         curves = loss_curves(trainer.state.log_history)
         plot_loss(curves, staging / "loss.png", f"{config.method} on {Path(config.data).name}", base_loss)
-        checks = verify_adapter(
+        verified = verify_adapter(
             staging, config.base_model, initial, data.probe_rows[: config.probes], config.probe_tokens
         )
+        generation = pick_generation(config, verified.chat, data.probe_rows, staging, events)
         eval_loss = metrics.get("eval_loss")
         report = {
             "base_model": config.base_model,
@@ -347,7 +382,8 @@ def run(config) -> str:
             "train_seconds": round(train_seconds, 1),
             "wall_seconds": round(time.time() - started, 1),
             "loss_curves": curves,
-            **checks,
+            **verified.report,
+            **({"generation": generation} if generation is not None else {}),
         }
         write_report(staging, report)  # written last: a folder with a report is a complete adapter
         publish(staging, target, config.checkpoint_dir / "previous.partial")

@@ -127,7 +127,9 @@ class SFTConfig:
     logging_steps: int = field(
         default=5, metadata=_help("Log train loss every N steps (progress bar, TensorBoard).")
     )
-    probe_tokens: int = field(default=48, metadata=_help("Length of each probe reply."))
+    probe_tokens: int = field(
+        default=48, metadata=_help("Length of each probe reply (and of each reply scoring --generation-rows).")
+    )
     events_file: str | None = field(
         default=None,
         metadata=_help("Append progress as JSON lines to this file (phases, metrics with rate and ETA, "
@@ -135,6 +137,14 @@ class SFTConfig:
     )
     probes: int = field(
         default=3, metadata=_help("Validation prompts answered before/after training in the report.")
+    )
+    generation_rows: int = field(
+        default=16,
+        metadata=_help(
+            "Validation rows on which the adapter's generation settings are chosen: greedy or sampling at the "
+            "app's temperature, each with repetition penalty 1.0/1.05/1.1, the best ROUGE-L is written to the "
+            "adapter's generation_config.json and served. 0 = skip (the adapter serves with its base's defaults)."
+        ),
     )
 
     @property

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from assistant.loading import load_chat_model
+from assistant.loading import ChatModel, load_chat_model
 from train.records import Example
 
 logger = logging.getLogger(__name__)
@@ -17,6 +18,14 @@ ADAPTER_FILE = "adapter_model.safetensors"
 
 class AdapterCheckError(RuntimeError):
     """A written adapter failed a post-save check."""
+
+
+@dataclass
+class Verified:
+    """An adapter folder that passed its post-save checks."""
+
+    report: dict  # what the checks found, for training_report.json
+    chat: ChatModel  # the adapter loaded back as the app serves it (later measurements reuse it)
 
 
 def check_weights(folder: Path, initial: dict[str, torch.Tensor]) -> float:
@@ -44,8 +53,8 @@ def verify_adapter(
     initial: dict[str, torch.Tensor],
     probes: list[Example],
     probe_tokens: int = 48,
-) -> dict:
-    """Run every post-save check; return the probe rows scored before (base) and after (adapter)."""
+) -> Verified:
+    """Run every post-save check; the report holds the probe rows scored before (base) and after (adapter)."""
     from train.eval import score
 
     changed = check_weights(folder, initial)
@@ -62,4 +71,4 @@ def verify_adapter(
             "it learned nothing visible (train longer or with a higher learning rate)"
         )
     logger.info("adapter checks passed: %.0f%% of trained tensors changed, replies differ", 100 * changed)
-    return {"changed_tensor_fraction": round(changed, 4), "probes": {"before": before, "after": after}}
+    return Verified({"changed_tensor_fraction": round(changed, 4), "probes": {"before": before, "after": after}}, chat)

@@ -179,16 +179,21 @@ def write_ollama(adapter: str | Path, folder: Path, base_name: str) -> str:
     system = prompt.text if prompt else None
     check_template(tokenizer, template, system, list(TEMPLATE_CHECKS) + list(VERIFY_QUESTIONS))
     stops = [tokenizer.decode([t]) for t in _stop_ids(adapter, tokenizer)]
-    text = modelfile(f"./{base_name}", f"./{LORA_FILE}", template, system, stops, sampling_parameters())
+    text = modelfile(f"./{base_name}", f"./{LORA_FILE}", template, system, stops, sampling_parameters(adapter))
     (folder / MODELFILE).write_text(text, encoding="utf-8")
     return MODELFILE
 
 
-def sampling_parameters() -> dict[str, float | int]:
-    """The app's default sampling, in Ollama's names (Ollama's own defaults differ: temperature 0.8, top_k 40)."""
+def sampling_parameters(adapter: str | Path | None = None) -> dict[str, float | int]:
+    """The sampling `adapter` is served with, in Ollama's names (Ollama's own defaults differ: temperature 0.8,
+    top_k 40): its generation_config.json (what train.sft chose), else its base's, else the app's defaults
+    (GenerationParams.resolve, as the app's server; temperature 0 is greedy in Ollama too)."""
+    from assistant.adapters import read_folder
     from assistant.generation import GenerationParams
+    from assistant.loading import base_generation_file, base_of
 
-    d = GenerationParams()
+    own = read_folder(adapter).generation if adapter is not None else {}
+    d = GenerationParams.resolve(own or (base_generation_file(base_of(None, adapter)) if adapter is not None else {}))
     return {"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k, "repeat_penalty": d.repetition_penalty}
 
 
