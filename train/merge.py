@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from assistant.adapters import PROMPT_FILE, adapter_info, method_of
+from assistant.adapters import adapter_info, read_folder, write_trained_prompt
 from assistant.loading import load_chat_model
 from assistant.logs import configure
 from train.cli import parse_with_positional
@@ -49,7 +49,9 @@ def merge(config: MergeConfig) -> Path:
     """Merge and save; the folder appears only when complete."""
     target = Path(config.output_dir)
     check_output_dir(target)
-    if method_of(adapter_info(config.adapter)) != "lora":
+    adapter_info(config.adapter)  # a clear error when the folder is not an adapter
+    folder = read_folder(config.adapter)
+    if folder.method != "lora":
         raise ValueError(
             f"{config.adapter}: only LoRA adapters can be merged; prefix tuning has no weights to fold in"
         )
@@ -63,8 +65,8 @@ def merge(config: MergeConfig) -> Path:
     chat.tokenizer.save_pretrained(staging)
     record = {"adapter": str(Path(config.adapter).resolve()), "base_model": chat.base_model}
     (staging / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    if (Path(config.adapter) / PROMPT_FILE).is_file():  # the system prompt it was trained with goes along
-        shutil.copy2(Path(config.adapter) / PROMPT_FILE, staging / PROMPT_FILE)
+    if folder.prompt is not None:  # the system prompt it was trained with goes along
+        write_trained_prompt(staging, folder.prompt)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target

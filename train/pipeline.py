@@ -8,7 +8,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from assistant.adapters import TrainedPrompt, write_report, write_trained_prompt, written_by_trainer
+from assistant.adapters import (
+    ADAPTER_CONFIG,
+    REPORT_FILE,
+    TrainedPrompt,
+    write_report,
+    write_trained_prompt,
+    written_by_trainer,
+)
 from assistant.chat_format import TemplateError
 from assistant.embedded import public_name
 from assistant.models import device, load_base_model, load_tokenizer, pick_precision
@@ -82,7 +89,7 @@ def check_output_dir(config) -> Path:
     if target.is_dir() and any(target.iterdir()) and not written_by_trainer(target):
         raise InputError(
             f"--output-dir {target}: the folder exists and is not an adapter written by train.sft "
-            "(no adapter_config.json + training_report.json); choose another --output-dir or move it away"
+            f"(no {ADAPTER_CONFIG} + {REPORT_FILE}); choose another --output-dir or move it away"
         )
     return target
 
