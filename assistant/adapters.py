@@ -311,6 +311,18 @@ def write_report(folder: Path, report: dict) -> None:
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
 
+def write_base_name(folder: str | Path, base: str) -> None:
+    """Name `base` as the model an adapter folder loads on (adapter_config.json's base_model_name_or_path,
+    what peft, vLLM and the Hub read), keeping the rest of its config; e.g. a Space names the embedded
+    model's Hub twin, since "embedded" means nothing where the GGUF package cannot be installed."""
+    folder = Path(folder)
+    config = dict(read_folder(folder).config)
+    if not config:
+        raise FileNotFoundError(f"{folder}: not an adapter folder (no {ADAPTER_CONFIG}); train one with train.sft")
+    config["base_model_name_or_path"] = base
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
 def write_generation(folder: Path, settings: dict) -> None:
     """Record the sampling defaults to serve the folder with, as Hugging Face's generation_config.json.
 

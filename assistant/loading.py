@@ -255,6 +255,16 @@ def base_generation_file(base: str) -> dict:
     return {k: diff[k] for k in SAMPLING_FIELDS if diff.get(k) is not None}
 
 
+def generation_defaults_of(base: str, adapter: str | Path | None) -> dict:
+    """The sampling settings a model is served with where a caller leaves them unset, read from files
+    without loading it: the adapter (or merged) folder's generation_config.json, else its base model's
+    (`base`, as base_of decides it). The registry and the exports ask this."""
+    folder = read_folder(adapter) if adapter else None
+    if folder is not None and folder.generation:
+        return dict(folder.generation)
+    return base_generation_file(base)
+
+
 def base_generation(model) -> dict:
     """The sampling settings a base model's own generation_config.json sets (only what differs from
     transformers' defaults: an unset field is the app's default, not transformers')."""

@@ -9,7 +9,6 @@ replies against the reference replies, and the perplexity of the reference repli
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -32,7 +31,7 @@ from bench.common import (
     table,
     write_results,
 )
-from bench.train_speed import base_model_dir, check, pairs_to_messages
+from bench.train_speed import base_model_dir, check, pairs_to_messages, trained_report
 
 NAME = "quality"
 METHODS = ("lora", "prefix")
@@ -131,7 +130,7 @@ def run_ours(config: QualityConfig, method: str, train: Path, out: Path) -> dict
     cmd += shlex.split(config.ours_args)
     run = run_measured(cmd, timeout=config.timeout)
     check(run, f"train.sft ({method})")
-    report = json.loads((out / "training_report.json").read_text())
+    report = trained_report(out)
     return {
         "trainer": "train.sft",
         "method": method,

@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from assistant.adapters import REPORT_FILE, training_report
 from bench.common import (
     RESULTS,
     ChildRun,
@@ -122,7 +123,7 @@ def adapter_eval_loss(adapter: str | Path, valid_file: str | Path, max_length: i
 
 
 def run_ours(config: TrainSpeedConfig, train: Path, valid: Path, out: Path) -> dict:
-    """train.sft as a user runs it; tokens/s and train seconds from its training_report.json."""
+    """train.sft as a user runs it; tokens/s and train seconds from its training report."""
     cmd = [
         sys.executable,
         "-m",
@@ -151,7 +152,7 @@ def run_ours(config: TrainSpeedConfig, train: Path, valid: Path, out: Path) -> d
         cmd += ["--probes", "1", "--probe-tokens", "16", "--save-steps", str(config.steps)]
     run = run_measured(cmd, timeout=config.timeout)
     check(run, "train.sft")
-    report = json.loads((out / "training_report.json").read_text())
+    report = trained_report(out)
     return {
         # The report gives the rate and the seconds; their product is the tokens the steps processed.
         "tokens": round(report["tokens_per_second"] * report["train_seconds"]),
@@ -207,6 +208,14 @@ def base_model_dir() -> Path:
     from assistant.embedded import embedded_model_dir
 
     return embedded_model_dir()
+
+
+def trained_report(adapter: Path) -> dict:
+    """The training report train.sft published with `adapter` (assistant.adapters reads it)."""
+    report = training_report(adapter)
+    if not report:
+        raise RuntimeError(f"{adapter}: train.sft published no readable {REPORT_FILE}")
+    return report
 
 
 def check(run: ChildRun, what: str) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from assistant.adapters import TrainedPrompt, find_adapters, read_folder
 from assistant.generation import GenerationParams, stream_reply
-from assistant.loading import ChatModel, Host, base_generation_file, base_of, chat_model, load_host
+from assistant.loading import ChatModel, Host, base_of, chat_model, generation_defaults_of, load_host
 from assistant.models import pick_precision
 
 logger = logging.getLogger(__name__)
@@ -207,9 +207,7 @@ class ModelRegistry:
         if cached is not None:
             return cached[1].generation_defaults
         folder = self.adapters.get(choice)
-        if folder is not None and read_folder(folder).generation:
-            return dict(read_folder(folder).generation)
-        return base_generation_file(base_of(self.base_model, folder))
+        return generation_defaults_of(base_of(self.base_model, folder), folder)
 
     def stream(self, choice: str | None, messages: list[dict[str, str]], params: GenerationParams, *,
                cancel: threading.Event, use_adapter: bool = True,

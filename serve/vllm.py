@@ -20,7 +20,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from assistant.adapters import adapter_base, adapter_info, method_of, trained_prompt
+from assistant.adapters import AdapterFolder, read_folder
 from assistant.embedded import EMBEDDED, embedded_model_dir
 from serve.access import is_loopback
 
@@ -57,17 +57,27 @@ class VLLMConfig:
     )
 
 
-def check_adapter(folder: str | Path) -> dict:
-    """The adapter's peft config, if vLLM's multi-LoRA can serve it; NotServable otherwise."""
-    info = adapter_info(folder)
-    method = method_of(info)
-    if method != "lora":
+def check_adapter(folder: str | Path) -> AdapterFolder:
+    """The adapter folder (assistant.adapters.read_folder), if vLLM's multi-LoRA can serve it; NotServable
+    otherwise."""
+    adapter = read_folder(folder)
+    if adapter.kind is None:
+        raise NotServable(adapter.problem)
+    if adapter.kind == "merged":
         raise NotServable(
-            f"{folder}: a {method} adapter cannot be served by vLLM, which serves LoRA only; merge it "
+            f"{folder}: a merged model, not an adapter; serve it as vLLM's model (vllm serve {folder}) "
+            "or serve the adapter it was merged from"
+        )
+    if adapter.kind == "prefix":
+        raise NotServable(
+            f"{folder}: a prefix adapter cannot be served by vLLM, which serves LoRA only; merge it "
             "(python -m train.merge, LoRA only) or retrain with --method lora"
         )
-    if info.get("use_dora"):
+    if adapter.kind == "dora":
         raise NotServable(f"{folder}: vLLM does not serve DoRA adapters; retrain without --use-dora")
+    if adapter.problem:  # e.g. no weights
+        raise NotServable(adapter.problem)
+    info = adapter.config
     rank = int(info.get("r", 0))
     if rank > max(VLLM_RANKS):
         raise NotServable(
@@ -84,23 +94,23 @@ def check_adapter(folder: str | Path) -> dict:
         raise NotServable(
             f"{folder}: modules_to_save ({info['modules_to_save']}) is not served by vLLM's LoRA"
         )
-    return info
+    return adapter
 
 
 def vllm_command(config: VLLMConfig) -> list[str]:
     """The `vllm serve` command line for the checked adapters."""
     if not config.adapters:
         raise NotServable("give at least one LoRA adapter folder")
-    infos = [check_adapter(a) for a in config.adapters]
-    for adapter in config.adapters:
-        prompt = trained_prompt(adapter)
+    folders = [check_adapter(a) for a in config.adapters]
+    for adapter, folder in zip(config.adapters, folders, strict=True):
+        prompt = folder.prompt
         if prompt is not None and prompt.source not in ("template default", "none"):
             # vLLM renders chats without a system message with the template's default, not this one.
             logger.warning(
                 "%s was trained with the system prompt %r: vLLM does not add it, so clients must send it",
                 adapter, prompt.text,
             )
-    bases = {config.base_model or adapter_base(a) or EMBEDDED for a in config.adapters}
+    bases = {config.base_model or f.base or EMBEDDED for f in folders}
     if len(bases) > 1:
         raise NotServable(
             f"the adapters were trained on different base models ({', '.join(sorted(bases))}); "
@@ -108,7 +118,7 @@ def vllm_command(config: VLLMConfig) -> list[str]:
         )
     base = bases.pop()
     model = str(embedded_model_dir()) if base == EMBEDDED else base
-    rank = next(r for r in VLLM_RANKS if r >= max(int(i.get("r", 8)) for i in infos))
+    rank = next(r for r in VLLM_RANKS if r >= max(int(f.config.get("r", 8)) for f in folders))
     modules = [f"{Path(a).resolve().name}={Path(a).resolve()}" for a in config.adapters]
     command = [
         "vllm",

@@ -12,7 +12,14 @@ import gradio
 import pytest
 from huggingface_hub import RepoCard, metadata_load
 
-from assistant.adapters import summarize_prompts, write_trained_prompt
+from assistant.adapters import (
+    ADAPTER_CONFIG,
+    WEIGHTS,
+    read_folder,
+    summarize_prompts,
+    write_base_name,
+    write_trained_prompt,
+)
 from assistant.embedded import EMBEDDED_HUB_ID
 from serve.registry import ModelRegistry
 from ui.space import export_space, main, resolve_adapter, space_base_model, write_front_matter
@@ -100,6 +107,34 @@ def test_export_writes_a_ready_space_folder(tmp_path):
     registry = ModelRegistry(out / "adapters", [resolve_adapter(None, out)])
     assert registry.trained_prompt(registry.default_choice()).text == "You help customers of Acme."
     compile((out / "app.py").read_text(), "app.py", "exec")
+
+
+def test_the_space_names_its_base_through_assistant_adapters(tmp_path, monkeypatch):
+    """export_space rewrites no adapter file itself: assistant.adapters.write_base_name does it."""
+    import ui.space
+
+    calls = []
+    monkeypatch.setattr(ui.space, "write_base_name", lambda folder, base: calls.append((Path(folder), base)))
+    out = export_space(fake_adapter(tmp_path / "bot", base="Qwen/Qwen2.5-0.5B-Instruct"), tmp_path / "space")
+    assert calls == [(out / "adapter", "Qwen/Qwen2.5-0.5B-Instruct")]
+
+
+def test_write_base_name_keeps_the_rest_of_the_config_and_is_read_at_once(tmp_path):
+    adapter = fake_adapter(tmp_path / "bot")
+    assert read_folder(adapter).named_base == "embedded"
+    write_base_name(adapter, EMBEDDED_HUB_ID)
+    folder = read_folder(adapter)
+    assert folder.named_base == EMBEDDED_HUB_ID and folder.config["r"] == 8 and folder.kind == "lora"
+    assert json.loads((adapter / ADAPTER_CONFIG).read_text())["target_modules"] == ["q_proj"]
+    with pytest.raises(FileNotFoundError, match="not an adapter folder"):
+        write_base_name(tmp_path, EMBEDDED_HUB_ID)
+
+
+def test_an_adapter_without_weights_is_not_exported(tmp_path, capsys):
+    adapter = fake_adapter(tmp_path / "bot")
+    (adapter / WEIGHTS[0]).unlink()
+    assert main(["export", str(adapter), "--output-dir", str(tmp_path / "space")]) == 1
+    assert "no adapter weights" in capsys.readouterr().err and not (tmp_path / "space").exists()
 
 
 def test_export_cli_refuses_a_full_folder_and_a_push_without_token(tmp_path, monkeypatch, capsys):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from assistant.adapters import ADAPTER_CONFIG, WEIGHTS, AdapterFolder
 from assistant.embedded import embedded_model_dir
 from serve.vllm import NotServable, VLLMConfig, check_adapter, vllm_command
 
@@ -16,7 +17,7 @@ ROOT = Path(__file__).parent.parent
 
 
 def fake_adapter(folder: Path, **config) -> Path:
-    """An adapter folder as train.sft writes its config (weights are not read by the checks)."""
+    """An adapter folder as train.sft writes its config (the weights' content is not read by the checks)."""
     folder.mkdir(parents=True)
     base = {
         "peft_type": "LORA",
@@ -27,7 +28,8 @@ def fake_adapter(folder: Path, **config) -> Path:
         "use_dora": False,
         "modules_to_save": None,
     }
-    (folder / "adapter_config.json").write_text(json.dumps({**base, **config}))
+    (folder / ADAPTER_CONFIG).write_text(json.dumps({**base, **config}))
+    (folder / WEIGHTS[0]).write_bytes(b"\0" * 16)
     return folder
 
 
@@ -60,6 +62,32 @@ def test_a_prefix_adapter_is_refused_with_the_fix(tmp_path):
 def test_limits_of_vllm_lora_are_checked(tmp_path, config, message):
     with pytest.raises(NotServable, match=message):
         check_adapter(fake_adapter(tmp_path / "a", **config))
+
+
+def test_the_check_answers_with_the_adapter_folder(tmp_path):
+    folder = check_adapter(fake_adapter(tmp_path / "support", r=24))
+    assert isinstance(folder, AdapterFolder) and folder.kind == "lora" and folder.config["r"] == 24
+
+
+def test_an_adapter_without_weights_or_a_merged_model_is_refused(tmp_path):
+    empty = fake_adapter(tmp_path / "empty")
+    (empty / WEIGHTS[0]).unlink()
+    with pytest.raises(NotServable, match="no adapter weights"):
+        check_adapter(empty)
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    (merged / "model.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(NotServable, match="merged model"):
+        check_adapter(merged)
+    with pytest.raises(NotServable, match="no such folder"):
+        check_adapter(tmp_path / "missing")
+
+
+def test_base_model_overrides_the_adapters_own(tmp_path):
+    a = fake_adapter(tmp_path / "a", base_model_name_or_path="Qwen/Qwen2.5-0.5B-Instruct")
+    command = vllm_command(VLLMConfig(adapters=[str(a)], base_model="my/base"))
+    assert command[:3] == ["vllm", "serve", "my/base"]
 
 
 def test_adapters_of_different_bases_are_refused(tmp_path):

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from assistant.adapters import adapter_info, method_of, read_folder, write_generation, write_trained_prompt
+from assistant.adapters import adapter_info, read_folder, write_generation, write_trained_prompt
 from assistant.loading import load_chat_model
 from assistant.logs import configure
 from train.cli import parse_with_positional
@@ -49,7 +49,9 @@ def merge(config: MergeConfig) -> Path:
     """Merge and save; the folder appears only when complete."""
     target = Path(config.output_dir)
     check_output_dir(target)
-    if method_of(adapter_info(config.adapter)) != "lora":
+    adapter_info(config.adapter)  # a clear error when the folder is not an adapter
+    folder = read_folder(config.adapter)
+    if folder.method != "lora":
         raise ValueError(
             f"{config.adapter}: only LoRA adapters can be merged; prefix tuning has no weights to fold in"
         )
@@ -65,11 +67,10 @@ def merge(config: MergeConfig) -> Path:
     (staging / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     # The merged folder serves as the adapter did: with the system prompt it was trained with and its
     # generation settings (merged into the model's own generation_config.json, whose eos ids stay).
-    adapter = read_folder(config.adapter)
-    if adapter.prompt is not None:
-        write_trained_prompt(staging, adapter.prompt)
-    if adapter.generation:
-        write_generation(staging, adapter.generation)
+    if folder.prompt is not None:
+        write_trained_prompt(staging, folder.prompt)
+    if folder.generation:
+        write_generation(staging, folder.generation)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target

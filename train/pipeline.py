@@ -9,7 +9,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from assistant.adapters import (
+    ADAPTER_CONFIG,
     GENERATION_FILE,
+    REPORT_FILE,
     TrainedPrompt,
     write_generation,
     write_report,
@@ -89,7 +91,7 @@ def check_output_dir(config) -> Path:
     if target.is_dir() and any(target.iterdir()) and not written_by_trainer(target):
         raise InputError(
             f"--output-dir {target}: the folder exists and is not an adapter written by train.sft "
-            "(no adapter_config.json + training_report.json); choose another --output-dir or move it away"
+            f"(no {ADAPTER_CONFIG} + {REPORT_FILE}); choose another --output-dir or move it away"
         )
     return target
 

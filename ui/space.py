@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import re
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from assistant.adapters import adapter_base
+from assistant.adapters import ADAPTER_CONFIG, adapter_base, is_listed, read_folder, write_base_name
 from assistant.embedded import EMBEDDED, EMBEDDED_HUB_ID, GGUF_PACKAGE, is_embedded, public_name
 
 logger = logging.getLogger(__name__)
@@ -88,7 +87,7 @@ def resolve_adapter(value: str | None, here: Path = ROOT) -> str | None:
         logger.info("downloading adapter %s from the Hub", value)
         return snapshot_download(repo_id=value)
     bundled = here / ADAPTER_DIR
-    return str(bundled) if (bundled / "adapter_config.json").is_file() else None
+    return str(bundled) if is_listed(bundled) else None
 
 
 def space_requirements(source: Path = ROOT / "requirements.txt") -> str:
@@ -104,17 +103,18 @@ def space_requirements(source: Path = ROOT / "requirements.txt") -> str:
 def export_space(adapter: str | Path, output_dir: str | Path, *, title: str | None = None) -> Path:
     """Write a ready-to-push Space folder serving `adapter`; returns the folder."""
     adapter, out = Path(adapter), Path(output_dir)
-    config_file = adapter / "adapter_config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{adapter}: not an adapter folder (no adapter_config.json)")
+    folder = read_folder(adapter)
+    if not folder.config:
+        raise FileNotFoundError(folder.problem or f"{adapter}: not an adapter folder (no {ADAPTER_CONFIG})")
+    folder.require()  # e.g. no weights: a Space could not serve it
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: folder exists and is not empty; choose a new --output-dir")
     out.mkdir(parents=True, exist_ok=True)
     _copy_code(out)
     shutil.copytree(adapter, out / ADAPTER_DIR, ignore=shutil.ignore_patterns("checkpoint-*", "*.checkpoints"))
     # The Space cannot install the GGUF package, so always name the Hub twin of the embedded model.
-    base = public_name(adapter_base(adapter) or EMBEDDED)
-    _set_adapter_base(out / ADAPTER_DIR / "adapter_config.json", base)
+    base = public_name(folder.base or EMBEDDED)
+    write_base_name(out / ADAPTER_DIR, base)
     (out / "requirements.txt").write_text(space_requirements())
     meta = front_matter(title=title or f"{adapter.resolve().name} chat", models=[base])
     (out / "README.md").write_text(
@@ -135,13 +135,6 @@ def _copy_code(out: Path) -> None:
             shutil.copytree(source, out / name, ignore=skip)
         else:
             shutil.copy2(source, out / name)
-
-
-def _set_adapter_base(config_file: Path, base: str) -> None:
-    # peft reads the base from here; "embedded" means nothing on a Space, so name the Hub model.
-    config = json.loads(config_file.read_text())
-    config["base_model_name_or_path"] = base
-    config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def push_space(folder: str | Path, repo_id: str, *, private: bool = False) -> str:
@@ -165,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ui.space", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="Write a Space folder serving ADAPTER (and push it).")
-    export.add_argument("adapter", help="Adapter folder (with adapter_config.json).")
+    export.add_argument("adapter", help=f"Adapter folder (with {ADAPTER_CONFIG}).")
     export.add_argument("--output-dir", required=True, help="New folder to write the Space into.")
     export.add_argument("--push", metavar="REPO_ID", help="Also upload to this Space (user/name); needs a token.")
     export.add_argument("--title", help="Space title (default: '<adapter name> chat').")

@@ -22,9 +22,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from assistant.adapters import adapter_base, adapter_info, trained_prompt
+from assistant.adapters import adapter_info, messages_for, read_folder
 from assistant.chat_format import TemplateError
 from assistant.embedded import is_embedded
+from assistant.loading import base_of, generation_defaults_of
 from assistant.logs import configure
 from train.cli import parse_with_positional
 from train.events import EventLog
@@ -57,7 +58,10 @@ class ExportConfig:
         },
     )
     base_model: str | None = field(
-        default=None, metadata={"help": "Base model to merge into (merged); default: the adapter's own base."}
+        default=None,
+        metadata={"help": "The adapter's base model: merged into (merged); its tokenizer's stops and sampling "
+                          "defaults (ollama), the model verified against (gguf, ollama). Default: the adapter's own "
+                          "base. For a base other than the embedded model, give its --base-gguf too."},
     )
     precision: str = field(default="fp32", metadata={"help": "Merged weights' dtype: fp32, bf16 or fp16."})
     verify: bool = field(
@@ -97,17 +101,23 @@ def default_output(config: ExportConfig) -> Path:
     return Path(config.output_dir or Path("exports") / f"{Path(config.adapter).resolve().name}-{config.to}")
 
 
-def base_gguf_for(adapter: str | Path, given: str | None) -> Path:
-    """The base model's GGUF: the one given, else the embedded model's shipped file."""
+def export_base(config: ExportConfig) -> str:
+    """The base model an export is for, decided once: --base-model, else the adapter's own base as the app
+    serves it (assistant.loading.base_of over read_folder(adapter).base). Its GGUF, its stop tokens, its
+    sampling defaults, the merge and the verification all follow this one answer."""
+    return base_of(config.base_model, config.adapter)
+
+
+def base_gguf_for(base: str, given: str | None) -> Path:
+    """The GGUF of `base` (export_base's answer): the one given, else the embedded model's shipped file."""
     if given:
         return Path(given)
-    base = adapter_base(adapter)
     if is_embedded(base):
         from assistant.embedded import gguf_path
 
         return gguf_path()
     raise ExportError(
-        f"{adapter}: its base {base!r} has no GGUF here. Convert it once with llama.cpp "
+        f"the base model {base!r} has no GGUF here. Convert it once with llama.cpp "
         f"(python convert_hf_to_gguf.py {base} --outfile base.gguf; use the Hub snapshot folder for a Hub id), "
         "then pass --base-gguf base.gguf"
     )
@@ -120,20 +130,21 @@ def export(config: ExportConfig) -> dict:
     _phase(config, "checking", f"checking {config.adapter}", 0.0)
     adapter_info(config.adapter)  # a clear error when the folder is not an adapter
     target = default_output(config)
+    base = export_base(config)
     if config.to == "merged":
         _phase(config, "merging", "merging the adapter into its base model (loads the model)", 0.1)
-        folder = merge(MergeConfig(config.adapter, str(target), config.base_model, config.precision))
+        folder = merge(MergeConfig(config.adapter, str(target), base, config.precision))
         return {"to": "merged", "output_dir": str(folder)}
     # Everything that can be refused is refused before anything is written or loaded.
     check_output_dir(target, EXPORT_RECORD, "train.export")
     refuse_unsupported(config.adapter)
-    base_gguf = base_gguf_for(config.adapter, config.base_gguf)
+    base_gguf = base_gguf_for(base, config.base_gguf)
     python = _verifier(config)
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        record = _write_gguf_export(config, staging, base_gguf, python)
+        record = _write_gguf_export(config, staging, base, base_gguf, python)
     except BaseException:  # a failed check publishes nothing
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -143,7 +154,7 @@ def export(config: ExportConfig) -> dict:
     return record
 
 
-def _write_gguf_export(config: ExportConfig, staging: Path, base_gguf: Path, python: str | None) -> dict:
+def _write_gguf_export(config: ExportConfig, staging: Path, base: str, base_gguf: Path, python: str | None) -> dict:
     """The gguf (and ollama) files in `staging`, verified when `python` runs llama.cpp; returns the record."""
     _phase(config, "writing", "copying the base GGUF and writing the LoRA GGUF", 0.2)
     shutil.copy2(base_gguf, staging / base_gguf.name)  # a copy: a link would let an edit reach the original
@@ -151,61 +162,75 @@ def _write_gguf_export(config: ExportConfig, staging: Path, base_gguf: Path, pyt
     record: dict = {
         "to": config.to,
         "adapter": str(Path(config.adapter).resolve()),
+        "base_model": base,
         "base_gguf": base_gguf.name,
         "lora_gguf": LORA_FILE,
     }
     if config.to == "ollama":
         _phase(config, "modelfile", "writing the Modelfile (its template checked by rendering)", 0.5)
-        record["modelfile"] = write_ollama(config.adapter, staging, base_gguf.name)
+        record["modelfile"] = write_ollama(config.adapter, staging, base_gguf.name, base)
     if python:
         _phase(config, "verifying", "comparing llama.cpp's greedy replies with ours", 0.6)
-        record["verify"] = verify(config, staging / base_gguf.name, staging / LORA_FILE, python)
+        record["verify"] = verify(config, base, staging / base_gguf.name, staging / LORA_FILE, python)
     else:
         record["verify"] = {"skipped": "llama.cpp's Python binding is not installed here (pass --verify to build it)"}
     (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
-def write_ollama(adapter: str | Path, folder: Path, base_name: str) -> str:
-    """Write the Modelfile for `adapter` into `folder`, its template proven equal to the trained one."""
+def write_ollama(adapter: str | Path, folder: Path, base_name: str, base: str) -> str:
+    """Write the Modelfile for `adapter` on `base` (export_base's answer) into `folder`: its template proven
+    equal to the trained one, the trained system prompt, the base's end-of-turn stops and the sampling
+    settings the app serves the adapter with."""
     from assistant.models import load_tokenizer
     from train.export.ollama import TEMPLATE_CHECKS, check_template, go_template, modelfile
 
-    if not (Path(adapter) / "tokenizer_config.json").is_file():
+    read = read_folder(adapter)
+    if not read.has_tokenizer:
         raise ExportError(f"{adapter}: has no tokenizer files; train.sft saves them beside the adapter")
     tokenizer = load_tokenizer(str(adapter))
     template = go_template(tokenizer)
-    prompt = trained_prompt(adapter)
-    system = prompt.text if prompt else None
+    system = system_prompt(adapter)
     check_template(tokenizer, template, system, list(TEMPLATE_CHECKS) + list(VERIFY_QUESTIONS))
-    stops = [tokenizer.decode([t]) for t in _stop_ids(adapter, tokenizer)]
-    text = modelfile(f"./{base_name}", f"./{LORA_FILE}", template, system, stops, sampling_parameters(adapter))
+    stops = [tokenizer.decode([t]) for t in _stop_ids(base, tokenizer)]
+    parameters = sampling_parameters(generation_defaults_of(base, adapter))
+    text = modelfile(f"./{base_name}", f"./{LORA_FILE}", template, system, stops, parameters)
     (folder / MODELFILE).write_text(text, encoding="utf-8")
     return MODELFILE
 
 
-def sampling_parameters(adapter: str | Path | None = None) -> dict[str, float | int]:
-    """The sampling `adapter` is served with, in Ollama's names (Ollama's own defaults differ: temperature 0.8,
-    top_k 40): its generation_config.json (what train.sft chose), else its base's, else the app's defaults
-    (GenerationParams.resolve, as the app's server; temperature 0 is greedy in Ollama too)."""
-    from assistant.adapters import read_folder
+def system_prompt(adapter: str | Path) -> str | None:
+    """The Modelfile's SYSTEM: what the one prompt rule (assistant.adapters.messages_for) adds to a chat that
+    brings no system message of its own, as Ollama adds SYSTEM only then (None: nothing)."""
+    added = messages_for([], read_folder(adapter).prompt)
+    return added[0]["content"] if added else None
+
+
+OLLAMA_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repeat_penalty"}
+
+
+def sampling_parameters(defaults: dict | None = None) -> dict[str, float | int]:
+    """Sampling settings in Ollama's names, resolved as the app serves a chat that sets none: `defaults` (the
+    adapter's generation_config.json, else its base's: generation_defaults_of) over the app's own defaults.
+    Written out in full, since Ollama's own defaults differ (temperature 0.8, top_k 40, repeat_penalty 1.1)."""
     from assistant.generation import GenerationParams
-    from assistant.loading import base_generation_file, base_of
 
-    own = read_folder(adapter).generation if adapter is not None else {}
-    d = GenerationParams.resolve(own or (base_generation_file(base_of(None, adapter)) if adapter is not None else {}))
-    return {"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k, "repeat_penalty": d.repetition_penalty}
+    resolved = GenerationParams.resolve(defaults)
+    parameters = {ollama: getattr(resolved, ours) for ours, ollama in OLLAMA_NAMES.items()}
+    if (defaults or {}).get("max_new_tokens") is not None:  # the folder caps replies: so does Ollama
+        parameters["num_predict"] = resolved.max_new_tokens
+    return parameters
 
 
-def _stop_ids(adapter: str | Path, tokenizer) -> list[int]:
-    """The end-of-turn ids the app stops at for `adapter` (its base's generation config + its tokenizer)."""
+def _stop_ids(base: str, tokenizer) -> list[int]:
+    """The end-of-turn ids the app stops at on `base` (export_base's answer): its generation config's
+    eos ids plus the trained tokenizer's end-of-turn token."""
     from transformers import GenerationConfig
 
     from assistant.batching import end_of_turn_ids
-    from assistant.loading import base_of
     from assistant.models import resolve_model_path
 
-    config = GenerationConfig.from_pretrained(resolve_model_path(base_of(None, adapter)))
+    config = GenerationConfig.from_pretrained(resolve_model_path(base))
     return sorted(end_of_turn_ids(config, tokenizer))
 
 
@@ -239,11 +264,11 @@ def verify_chats(config: ExportConfig) -> list[list[dict[str, str]]]:
     return chats
 
 
-def verify(config: ExportConfig, base_gguf: Path, lora_gguf: Path, python: str) -> dict:
-    """The llama.cpp round trip of the written files (train.export.roundtrip)."""
+def verify(config: ExportConfig, base: str, base_gguf: Path, lora_gguf: Path, python: str) -> dict:
+    """The llama.cpp round trip of the written files (train.export.roundtrip), ours on `base`."""
     from train.export.roundtrip import round_trip
 
-    return round_trip(config.adapter, base_gguf, lora_gguf, python, verify_chats(config),
+    return round_trip(config.adapter, base_gguf, lora_gguf, python, verify_chats(config), base_model=base,
                       max_new_tokens=config.verify_tokens, must_match=config.must_match, threads=config.threads,
                       tie_logits=config.tie_logits)
 

@@ -55,19 +55,20 @@ def round_trip(
     must_match: int = 16,
     threads: int = 2,
     tie_logits: float = TIE_SWING,
+    base_model: str | None = None,
 ) -> dict:
-    """Compare llama.cpp on (base_gguf + lora_gguf) with this runtime on `adapter`; ExportError on a mismatch."""
+    """Compare llama.cpp on (base_gguf + lora_gguf) with this runtime on `adapter` (on `base_model`, default
+    its own base); ExportError on a mismatch."""
     # Imported here: `python -m train.export.llamacpp` must not find its module loaded by this package.
     from train.export.llamacpp import run_worker
 
     started = time.monotonic()
     # fp32 on the embedded model computes with exactly the GGUF's (de-quantized) weights.
-    chat = load_chat_model(adapter=adapter, precision="fp32")
-    system = chat.trained_prompt.text if chat.trained_prompt else None
+    chat = load_chat_model(base_model, adapter=adapter, precision="fp32")
     greedy = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
     prompts, logits = [], []
     for messages in chats:
-        messages = messages_for(messages, system)
+        messages = messages_for(messages, chat.trained_prompt)  # the one prompt rule, as the Modelfile's SYSTEM
         ids = encode_prompt(chat.tokenizer, messages)
         ours = list(reply_tokens(chat, ids, greedy))
         logits.append(_our_logits(chat, ids, ours))
