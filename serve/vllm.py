@@ -22,6 +22,7 @@ from transformers import HfArgumentParser
 
 from assistant.adapters import AdapterFolder, read_folder
 from assistant.embedded import EMBEDDED, embedded_model_dir
+from assistant.loading import base_of
 from serve.access import is_loopback
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def vllm_command(config: VLLMConfig) -> list[str]:
                 "%s was trained with the system prompt %r: vLLM does not add it, so clients must send it",
                 adapter, prompt.text,
             )
-    bases = {config.base_model or f.base or EMBEDDED for f in folders}
+    bases = {base_of(config.base_model, a) for a in config.adapters}
     if len(bases) > 1:
         raise NotServable(
             f"the adapters were trained on different base models ({', '.join(sorted(bases))}); "

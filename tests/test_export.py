@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from assistant.adapters import TrainedPrompt, adapter_base, write_trained_prompt
+from assistant.adapters import (
+    ADAPTER_CONFIG,
+    WEIGHTS,
+    TrainedPrompt,
+    adapter_base,
+    write_generation,
+    write_trained_prompt,
+)
 from assistant.embedded import EMBEDDED, EMBEDDED_HUB_ID, gguf_path
 from tests.conftest import NEEDS_LLAMACPP, ROOT
 
@@ -146,12 +153,89 @@ def test_prefix_and_dora_adapters_are_refused_before_anything_is_written(trained
 
 
 def test_another_base_needs_its_gguf(strong_adapter, tmp_path):
-    other = tmp_path / "other"
-    shutil.copytree(strong_adapter, other)
-    config = json.loads((other / "adapter_config.json").read_text())
-    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "Qwen/Qwen2.5-0.5B"}))
+    other = _named(strong_adapter, tmp_path / "other", "Qwen/Qwen2.5-0.5B")
     refused = _export(str(other), "--to", "gguf", "--output-dir", str(tmp_path / "o"))
     assert refused.returncode == 2 and "convert_hf_to_gguf.py" in refused.stderr and "--base-gguf" in refused.stderr
+
+
+def _named(adapter: Path, folder: Path, base: str) -> Path:
+    """A copy of `adapter` whose adapter_config.json names `base`."""
+    shutil.copytree(adapter, folder)
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    (folder / ADAPTER_CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": base}))
+    return folder
+
+
+def test_base_model_decides_the_exports_base_once(tmp_path):
+    """Unit level, on a fake folder: --base-model, else the adapter's own base, and that base's GGUF."""
+    from train.export import ExportConfig, base_gguf_for, export_base
+    from train.export.gguf_lora import ExportError
+
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "Qwen/Qwen2.5-0.5B"}))
+    (folder / WEIGHTS[0]).write_bytes(b"\0" * 16)
+    own = export_base(ExportConfig(str(folder)))
+    assert own == "Qwen/Qwen2.5-0.5B"
+    with pytest.raises(ExportError, match="--base-gguf"):
+        base_gguf_for(own, None)
+    given = export_base(ExportConfig(str(folder), base_model="embedded"))
+    assert given == EMBEDDED and base_gguf_for(given, None) == gguf_path()
+    assert base_gguf_for(own, "/x/base.gguf") == Path("/x/base.gguf")
+
+
+def test_an_export_with_base_model_uses_that_base_throughout(strong_adapter, tmp_path, monkeypatch):
+    """An adapter naming another base, exported with --base-model embedded: the embedded GGUF, its stop
+    tokens and its record; the named base is never looked up."""
+    import assistant.models
+    from train.export import ExportConfig, export
+    from train.export.ollama import parse_modelfile
+
+    other = _named(strong_adapter, tmp_path / "other", "Qwen/Qwen2.5-0.5B")
+    looked_up = []
+    resolve = assistant.models.resolve_model_path
+    monkeypatch.setattr(assistant.models, "resolve_model_path", lambda base: looked_up.append(base) or resolve(base))
+    record = export(ExportConfig(str(other), to="ollama", output_dir=str(tmp_path / "o"), base_model="embedded",
+                                 skip_verify=True))
+    assert record["base_model"] == EMBEDDED and record["base_gguf"] == gguf_path().name
+    assert EMBEDDED in looked_up and "Qwen/Qwen2.5-0.5B" not in looked_up, looked_up
+    parts = parse_modelfile((tmp_path / "o" / "Modelfile").read_text())
+    assert parts["FROM"] == f"./{gguf_path().name}"
+    assert ("stop", "<|im_end|>") in parts["PARAMETER"] or ("stop", '"<|im_end|>"') in parts["PARAMETER"]
+
+
+def test_the_modelfile_carries_the_adapters_generation_settings_and_prompt(strong_adapter, tmp_path):
+    from train.export import ExportConfig, export
+    from train.export.ollama import parse_modelfile
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(strong_adapter, tuned)
+    write_generation(tuned, {"temperature": 0.3, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.25,
+                             "max_new_tokens": 99})
+    export(ExportConfig(str(tuned), to="ollama", output_dir=str(tmp_path / "o"), skip_verify=True))
+    parts = parse_modelfile((tmp_path / "o" / "Modelfile").read_text())
+    parameters = dict(p for p in parts["PARAMETER"] if p[0] != "stop")
+    assert parameters == {"temperature": "0.3", "top_p": "0.8", "top_k": "20", "repeat_penalty": "1.25",
+                          "num_predict": "99"}
+    assert parts["SYSTEM"] == SYSTEM
+
+
+def test_modelfile_sampling_and_system_follow_the_app_rules(tmp_path):
+    """Greedy (do_sample false) is temperature 0; unset fields are the app's defaults; no trained prompt: no SYSTEM."""
+    from assistant.generation import GenerationParams
+    from train.export import sampling_parameters, system_prompt
+
+    d = GenerationParams()
+    assert sampling_parameters({"do_sample": False, "top_k": 5}) == {
+        "temperature": 0.0, "top_p": d.top_p, "top_k": 5, "repeat_penalty": d.repetition_penalty}
+    assert sampling_parameters({}) == {"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
+                                       "repeat_penalty": d.repetition_penalty}
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "embedded"}))
+    assert system_prompt(tmp_path) is None  # not recorded
+    write_trained_prompt(tmp_path, TrainedPrompt(None, "none", 3, 0, 1))
+    assert system_prompt(tmp_path) is None  # trained with no system message
+    write_trained_prompt(tmp_path, TrainedPrompt("Be brief.", "--system-prompt", 3, 0, 1))
+    assert system_prompt(tmp_path) == "Be brief."
 
 
 def test_adapter_config_names_the_hub_twin_and_we_serve_the_embedded_copy(trained_lora, monkeypatch):
@@ -218,6 +302,7 @@ def test_a_hub_twin_adapter_from_elsewhere_uses_the_hub_copy_when_cached(strong_
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
     assert adapter_base(folder) == EMBEDDED, "offline, the embedded copy stands in"
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: "/cache/config.json")
+    monkeypatch.setattr("assistant.adapters._cache", {})  # a folder is read once per signature: read it anew
     assert adapter_base(folder) == EMBEDDED_HUB_ID
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from assistant.adapters import ADAPTER_CONFIG, adapter_base, is_listed, read_folder, write_base_name
-from assistant.embedded import EMBEDDED, EMBEDDED_HUB_ID, GGUF_PACKAGE, is_embedded, public_name
+from assistant.adapters import ADAPTER_CONFIG, is_listed, read_folder, write_base_name
+from assistant.embedded import EMBEDDED_HUB_ID, GGUF_PACKAGE, is_embedded, public_name
+from assistant.loading import base_of
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +70,9 @@ def write_front_matter(readme: str | Path, meta: dict | None = None) -> Path:
 
 
 def space_base_model(adapter: str | Path | None = None, requested: str | None = None) -> str:
-    """Base model to serve: `requested`, else the adapter's base, with 'embedded' swapped for its Hub
-    twin when the GGUF package is not installed (as on a Space)."""
-    base = requested or (adapter_base(adapter) if adapter else None) or EMBEDDED
+    """Base model to serve: `requested`, else the adapter's base (assistant.loading.base_of), with 'embedded'
+    swapped for its Hub twin when the GGUF package is not installed (as on a Space)."""
+    base = base_of(requested, adapter)
     if is_embedded(base) and importlib.util.find_spec(GGUF_PACKAGE) is None:
         return EMBEDDED_HUB_ID
     return base
@@ -113,7 +114,7 @@ def export_space(adapter: str | Path, output_dir: str | Path, *, title: str | No
     _copy_code(out)
     shutil.copytree(adapter, out / ADAPTER_DIR, ignore=shutil.ignore_patterns("checkpoint-*", "*.checkpoints"))
     # The Space cannot install the GGUF package, so always name the Hub twin of the embedded model.
-    base = public_name(folder.base or EMBEDDED)
+    base = public_name(base_of(None, adapter))
     write_base_name(out / ADAPTER_DIR, base)
     (out / "requirements.txt").write_text(space_requirements())
     meta = front_matter(title=title or f"{adapter.resolve().name} chat", models=[base])
