@@ -57,6 +57,7 @@ def test_each_detector_finds_its_kind(text, expected):
         f"IBAN {BAD_IBAN}",
         "release v1.2.3.4",  # version strings: after v or "version", or with more than four parts
         "version 1.2.3.4",
+        "Version: 10.0.0.1",
         "build 1.2.3.4.5",
         "999.1.1.1 and 01.2.3.4",  # no such IPv4 address
         "at 12:30:45 on 2023-01-01",

@@ -40,8 +40,9 @@ CARD = re.compile(r"(?<![\d.,-])\d(?:[ -]?\d){12,18}(?![\d]|[.,-]\d)")
 # Two letters, two check digits, then up to 30 letters/digits, optionally in groups of four split by spaces.
 IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
 IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
-# A version string is a dotted quad after "v" or "version" (v1.2.3.4, version 10.0.0.1): not an address.
-VERSION_BEFORE = re.compile(r"(?:\bv|\bversion\s*:?\s*)$", re.IGNORECASE)
+# Version strings are not addresses: a dotted quad glued to a letter (v1.2.3.4, IPV4's look-behind), with more
+# than four parts (1.2.3.4.5), or after the word "version" (version 10.0.0.1, Version: 1.2.3.4).
+VERSION_BEFORE = re.compile(r"\bversion\s*:?\s*$", re.IGNORECASE)
 IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])")
 
 

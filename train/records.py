@@ -38,7 +38,7 @@ class Example:
     messages: list[dict[str, str]]
     source: str
     format: str
-    fields: list[tuple[int, int, str]] = field(default_factory=list)  # (message, from offset, the row's field)
+    fields: list[tuple[int, int, str]] = field(default_factory=list, compare=False, repr=False)  # (message, from, field)
 
     def field_at(self, message: int, offset: int = 0) -> str:
         """The row's field (as its file names it) that `messages[message]`'s text at `offset` was read from."""
