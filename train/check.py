@@ -11,6 +11,7 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from assistant.adapters import TrainedPrompt
@@ -116,7 +117,7 @@ def mark_trained(tokenizer, item: dict) -> str:
 
 def report(
     config: CheckConfig, features: Features, formats, warnings: list[str], tokenizer, prompt: TrainedPrompt,
-    personal: list[str] = (),
+    personal: Sequence[str] = (),
 ) -> list[str]:
     """Lines of the doctor's report."""
     stats = features.length_stats()

@@ -168,7 +168,7 @@ def _turns(row: _Row, key: str, role_key: str, content_key: str, roles: dict) ->
 
 
 def _fields(format_: str, row: dict, messages: list[dict[str, str]]) -> list[tuple[int, int, str]]:
-    """Where each message's text came from in the row: (message, from offset, field), for messages about it."""
+    """(message, from offset, field): where in the row each message's text was read, for messages naming it."""
     if format_ == "messages":
         return [(i, 0, f"messages[{i}].content") for i in range(len(messages))]
     if format_ == "sharegpt":
