@@ -1,14 +1,17 @@
 """`python -m train.check FILE`: the dataset doctor. Exit 0 when the file can be trained on, 1 otherwise.
 
-With --json the report is one JSON object on stdout, {"ok": bool, "lines": [the report's lines]}: what the
-app (serve.doctor) reads.
+With --json the report is one JSON object on stdout, {"ok": bool, "lines": [the report's lines], "personal_data":
+{...}}: what the app (serve.doctor) reads. Personal data (train.pii) is a warning per row and field, never an error.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import sys
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from assistant.adapters import TrainedPrompt
@@ -23,7 +26,10 @@ from train.features import (
     trained_prompt_of,
     with_system_prompt,
 )
-from train.records import DataError, load_examples
+from train.pii import DEFAULT_REGION, NAMES, NOT_DETECTED, RegionError, check_region, describe, find
+from train.records import DataError, Example, load_examples
+
+MAX_SHOWN = 20  # fields with personal data listed one per line; the rest are counted
 
 
 @dataclass
@@ -39,11 +45,58 @@ class CheckConfig:
     )
     max_length: int = field(default=1024, metadata={"help": "Tokens per example, as in train.sft."})
     example: int = field(default=0, metadata={"help": "Index of the example to show rendered."})
+    phone_region: str = field(
+        default=DEFAULT_REGION,
+        metadata={"help": "Country (ISO 3166 code) whose phone numbers may be written without a country code."},
+    )
     json: bool = field(
         default=False,
         metadata={"help": 'Print the report as one JSON object on stdout: {"ok": bool, "lines": [report lines]} '
-                          "(problems are lines starting \"error: \"); the exit code is the same."},
+                          "(problems are lines starting \"error: \"), plus \"personal_data\": what was found where; "
+                          "the exit code is the same."},
     )
+
+
+@dataclass
+class Diagnosis:
+    """The doctor's verdict: trainable or not, its report lines, and the personal data it found."""
+
+    ok: bool
+    lines: list[str]
+    personal_data: dict
+
+
+def personal_data(examples: list[Example], region: str = DEFAULT_REGION) -> dict:
+    """Personal data in the rows as read: counts per kind, and per row and field
+    ({"source": "data.jsonl:12", "field": "messages[3].content", "counts": {"email": 1}})."""
+    started, total, fields = time.perf_counter(), collections.Counter(), []
+    for example in examples:
+        per_field: dict[str, collections.Counter] = {}
+        for index, message in enumerate(example.messages):
+            for finding in find(message["content"], region):
+                name = example.field_at(index, finding.start)
+                per_field.setdefault(name, collections.Counter())[finding.kind] += 1
+        for name, counts in per_field.items():
+            fields.append({"source": example.source, "field": name, "counts": dict(counts)})
+            total.update(counts)
+    return {"checked": True, "counts": dict(total), "fields": fields, "rows": len({f["source"] for f in fields}),
+            "not_detected": NOT_DETECTED, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def personal_data_lines(found: dict) -> list[str]:
+    """The report's lines about personal data: one warning per row and field (the first MAX_SHOWN), and the fix."""
+    if not found["fields"]:
+        return [f"personal data: none found (looked for {', '.join(many for _, many in NAMES.values())}; "
+                f"{NOT_DETECTED})"]
+    lines = [f"warning: {f['source']} {f['field']}: {describe(f['counts'])}" for f in found["fields"][:MAX_SHOWN]]
+    if len(found["fields"]) > MAX_SHOWN:
+        lines.append(f"warning: ... and {len(found['fields']) - MAX_SHOWN} more fields with personal data")
+    lines.append(
+        f"warning: personal data in {found['rows']} row{'s' * (found['rows'] != 1)} ({describe(found['counts'])}): "
+        "an adapter trained on it can repeat it; train with --redact to replace each value with a placeholder such "
+        f"as [EMAIL_1] ({NOT_DETECTED})"
+    )
+    return lines
 
 
 def mark_trained(tokenizer, item: dict) -> str:
@@ -63,7 +116,8 @@ def mark_trained(tokenizer, item: dict) -> str:
 
 
 def report(
-    config: CheckConfig, features: Features, formats, warnings: list[str], tokenizer, prompt: TrainedPrompt
+    config: CheckConfig, features: Features, formats, warnings: list[str], tokenizer, prompt: TrainedPrompt,
+    personal: Sequence[str] = (),
 ) -> list[str]:
     """Lines of the doctor's report."""
     stats = features.length_stats()
@@ -76,6 +130,7 @@ def report(
         f"system prompt trained: {prompt.describe()}",
     ]
     lines += [f"warning: {w}" for w in warnings]
+    lines += personal
     lines += [f"truncated: {s}" for s in features.truncated] + [f"dropped: {s}" for s in features.dropped]
     if features.items:
         item = features.items[min(config.example, len(features.items) - 1)]
@@ -85,18 +140,28 @@ def report(
 
 def diagnose(config: CheckConfig, tokenizer=None) -> tuple[bool, list[str]]:
     """(trainable, the doctor's report lines) for `config.data`; problems are lines starting with "error: "."""
+    found = examine(config, tokenizer)
+    return found.ok, found.lines
+
+
+def examine(config: CheckConfig, tokenizer=None) -> Diagnosis:
+    """The doctor's full verdict on `config.data`."""
+    unchecked = {"checked": False, "counts": {}, "fields": [], "rows": 0, "not_detected": NOT_DETECTED,
+                 "seconds": 0.0}
     try:
+        check_region(config.phone_region)
         loaded = load_examples(config.data)
+        found = personal_data(loaded.examples, config.phone_region)
         tokenizer = tokenizer or load_tokenizer(config.base_model)
         system = read_system_prompt(config.system_prompt)
         prompt = trained_prompt_of(tokenizer, loaded.examples, system)
         features = encode_examples(tokenizer, with_system_prompt(loaded.examples, system), config.max_length)
-    except (DataError, TemplateError, OSError, UnicodeError) as error:
-        return False, [f"error: {error}"]
-    lines = report(config, features, loaded.formats, loaded.warnings, tokenizer, prompt)
+    except (DataError, RegionError, TemplateError, OSError, UnicodeError) as error:
+        return Diagnosis(False, [f"error: {error}"], unchecked)
+    lines = report(config, features, loaded.formats, loaded.warnings, tokenizer, prompt, personal_data_lines(found))
     if not features.items:
-        return False, [*lines, "error: no example can be trained on"]
-    return True, [*lines, "ok: ready to train"]
+        return Diagnosis(False, [*lines, "error: no example can be trained on"], found)
+    return Diagnosis(True, [*lines, "ok: ready to train"], found)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_with_positional(CheckConfig, argv, "data", "python -m train.check FILE [--base-model M] [--json]")
     if config.json:
         with contextlib.redirect_stdout(sys.stderr):  # libraries may print; stdout carries only the object
-            ok, lines = diagnose(config)
-        print(json.dumps({"ok": ok, "lines": lines}, ensure_ascii=False))
-        return 0 if ok else 1
+            found = examine(config)
+        print(json.dumps({"ok": found.ok, "lines": found.lines, "personal_data": found.personal_data},
+                         ensure_ascii=False))
+        return 0 if found.ok else 1
     ok, lines = diagnose(config)
     for line in lines:  # the report on stdout, its problems on stderr
         print(line, file=sys.stderr if line.startswith("error: ") else sys.stdout)

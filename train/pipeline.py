@@ -48,6 +48,7 @@ class PreparedData:
     probe_rows: list[Example]  # validation rows (training rows when there are none), for probes
     warnings: list[str]
     prompt: TrainedPrompt  # the system prompt the rows are trained under, recorded in the adapter
+    redacted: dict[str, int] | None = None  # personal data replaced per kind (--redact), None when not asked
 
 
 def prepare_data(config) -> PreparedData:
@@ -62,6 +63,9 @@ def prepare_data(config) -> PreparedData:
         train_rows, valid_rows = loaded.examples, valid_loaded.examples
     else:
         train_rows, valid_rows = split_validation(loaded.examples, config.valid_fraction, config.seed)
+    redacted = None
+    if getattr(config, "redact", False):  # before the recorded prompt, the probes and the tokens see the text
+        train_rows, valid_rows, redacted = _redact(train_rows, valid_rows, getattr(config, "phone_region", "US"))
     tokenizer = load_tokenizer(config.base_model)
     try:
         system = read_system_prompt(config.system_prompt)
@@ -80,7 +84,22 @@ def prepare_data(config) -> PreparedData:
         raise InputError(
             f"{config.data}: no example has an assistant reply within --max-length {config.max_length}"
         )
-    return PreparedData(tokenizer, train, valid, valid_rows or train_rows, warnings, prompt)
+    return PreparedData(tokenizer, train, valid, valid_rows or train_rows, warnings, prompt, redacted)
+
+
+def _redact(train_rows: list[Example], valid_rows: list[Example], region: str):
+    """The rows with personal data replaced (train.pii), and the replacements per kind."""
+    from train.pii import RegionError, check_region, describe, redact_rows
+
+    try:
+        check_region(region)
+    except RegionError as error:
+        raise InputError(str(error)) from error
+    train_rows, counts = redact_rows(train_rows, region)
+    valid_rows, valid_counts = redact_rows(valid_rows, region)
+    counts.update(valid_counts)
+    logger.info("--redact: replaced %s", describe(counts) or "nothing (no personal data found)")
+    return train_rows, valid_rows, dict(counts)
 
 
 def check_output_dir(config) -> Path:
@@ -373,6 +392,7 @@ def run(config) -> str:
             "config": asdict(config),
             "data": {"train": train.summary(), "valid": valid.summary(), "warnings": data.warnings},
             "system_prompt": asdict(data.prompt),
+            "redacted": data.redacted,
             "steps": trainer.state.global_step,
             "epochs": round(trainer.state.epoch or 0, 3),
             "train_loss": result.metrics.get("train_loss"),

@@ -38,6 +38,12 @@ class Example:
     messages: list[dict[str, str]]
     source: str
     format: str
+    fields: list[tuple[int, int, str]] = field(default_factory=list, compare=False, repr=False)  # (message, from, field)
+
+    def field_at(self, message: int, offset: int = 0) -> str:
+        """The row's field (as its file names it) that `messages[message]`'s text at `offset` was read from."""
+        names = [name for index, start, name in self.fields if index == message and start <= offset]
+        return names[-1] if names else f"messages[{message}].content"
 
 
 class DataError(ValueError):
@@ -161,6 +167,20 @@ def _turns(row: _Row, key: str, role_key: str, content_key: str, roles: dict) ->
     return messages if len(row.problems) == before else None
 
 
+def _fields(format_: str, row: dict, messages: list[dict[str, str]]) -> list[tuple[int, int, str]]:
+    """(message, from offset, field): where in the row each message's text was read, for messages naming it."""
+    if format_ == "messages":
+        return [(i, 0, f"messages[{i}].content") for i in range(len(messages))]
+    if format_ == "sharegpt":
+        return [(i, 0, f"conversations[{i}].value") for i in range(len(messages))]
+    if format_ == "pairs":
+        names = ["system"] * (messages[0]["role"] == "system") + ["prompt", "response"]
+        return [(i, 0, name) for i, name in enumerate(names)]
+    instruction = row["instruction"].replace("\r\n", "\n").replace("\r", "\n")  # as _Row.text cleans it
+    spans = [(0, 0, "instruction"), (1, 0, "output")]
+    return spans + [(0, len(instruction) + 2, "input")] * (messages[0]["content"] != instruction)
+
+
 BUILDERS = {
     "pairs": _pairs,
     "messages": lambda row: _turns(row, "messages", "role", "content", CHAT_ROLES),
@@ -189,7 +209,7 @@ def _parse_row(value: Any, source: str, long_chars: int, result: LoadResult, pro
     else:
         messages = BUILDERS[found[0]](row)
         if messages and not row.problems:
-            result.examples.append(Example(messages, source, found[0]))
+            result.examples.append(Example(messages, source, found[0], _fields(found[0], value, messages)))
             result.formats[found[0]] += 1
     problems.extend(row.problems)
     result.warnings.extend(row.warnings)

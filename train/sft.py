@@ -69,6 +69,17 @@ class SFTConfig:
         default=1024,
         metadata=_help("Tokens per example; longer ones are truncated (or dropped if no reply fits)."),
     )
+    redact: bool = field(
+        default=False,
+        metadata=_help(
+            "Replace personal data (e-mail addresses, phone numbers, card numbers, IBANs, IP addresses) in every "
+            "training and validation row with placeholders such as [EMAIL_1], the same value the same one within "
+            "a conversation; the report counts them. Names are not detected (python -m train.check lists what is found)."
+        ),
+    )
+    phone_region: str = field(
+        default="US", metadata=_help("Country (ISO 3166 code) whose phone numbers may lack a country code (--redact).")
+    )
     epochs: float = field(default=1.0, metadata=_help("Passes over the training data."))
     max_steps: int = field(
         default=-1, metadata=_help("Stop after this many optimizer steps (overrides --epochs when > 0).")
