@@ -150,7 +150,7 @@ class OpenAIServer:
             "store": bool(req.store),
             "metadata": dict(req.metadata or {}),
             "settings": {**asdict(params), "stop": req.stops()},
-            "adapter_version": chat.folder.version if chat.folder else None,
+            "adapter_version": folder.version if (folder := getattr(chat, "folder", None)) else None,
         }
 
     def _no_model(self, model: str, reason: str | None = None) -> APIError:
