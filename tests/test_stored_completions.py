@@ -7,7 +7,6 @@ import shutil
 import threading
 import uuid
 
-import httpx2  # the openai SDK's HTTP client: its raw Response type
 import pytest
 import uvicorn
 from fastapi import FastAPI
@@ -61,7 +60,7 @@ def create(client: OpenAI, case: str, **kwargs) -> ChatCompletion:
 
 def feedback(client: OpenAI, completion_id: str, body: dict) -> dict:
     """POST /v1/chat/completions/{id}/feedback (no SDK method: our extension)."""
-    return client.post(f"/chat/completions/{completion_id}/feedback", body=body, cast_to=httpx2.Response).json()
+    return client.post(f"/chat/completions/{completion_id}/feedback", body=body, cast_to=object)  # the JSON
 
 
 # -- create, retrieve, messages ----------------------------------------------------------------------------
