@@ -127,6 +127,17 @@ def test_sqlite_writes_ahead_and_waits_for_locks(tmp_path):
     store.close()
 
 
+def test_a_database_from_a_newer_app_is_refused_with_the_fix(tmp_path):
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    Store(url).close()
+    newer = create_engine(url)
+    with newer.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'ffff_from_the_future'"))
+    newer.dispose()
+    with pytest.raises(StoreError, match="newer version of the app"):
+        Store(url)
+
+
 def test_an_unusable_url_says_so_without_its_password():
     with pytest.raises(StoreError, match="not supported"):
         Store("mysql://u@localhost/db")

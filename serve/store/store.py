@@ -20,9 +20,10 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Engine, create_engine, delete, event, exists, func, or_, select, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from serve.access import Caller
@@ -102,9 +103,12 @@ class Store:
         # Writes on SQLite take the write lock when they begin (BEGIN IMMEDIATE), so two writers queue on
         # the busy timeout instead of failing when a read turns into a write.
         self._writer = self.engine.execution_options(store_write=True)
-        self._closed = threading.Event()
         if migrate:
-            self.upgrade()
+            try:
+                self.upgrade()
+            except StoreError:
+                self.engine.dispose()
+                raise
 
     # -- opening ---------------------------------------------------------------------------------------
     @property
@@ -159,6 +163,9 @@ class Store:
                     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
                 config.attributes["connection"] = conn
                 command.upgrade(config, "head")
+        except CommandError as error:  # e.g. a revision this code does not have: a newer app migrated it
+            raise StoreError(f"--database-url {self.label}: cannot upgrade its schema ({error}); a newer version "
+                             "of the app may have migrated it: run that version, or use another database") from None
         except DBAPIError as error:
             fix = ("check that its folder is writable and no other program holds it locked" if self.sqlite else
                    "check that the server runs and the URL, user and password are right")
@@ -168,7 +175,6 @@ class Store:
 
     def close(self) -> None:
         """Close the pool's connections."""
-        self._closed.set()
         self.engine.dispose()
 
     # -- transactions ----------------------------------------------------------------------------------
@@ -183,7 +189,7 @@ class Store:
             try:
                 with Session(self._writer) as session, session.begin():
                     return work(session)
-            except (OperationalError, IntegrityError, DBAPIError) as error:
+            except DBAPIError as error:
                 if attempt == RETRIES - 1 or not (_busy(error) or (retry_conflict and isinstance(error, IntegrityError))):
                     raise
                 logger.info("store busy (%s); retrying", _reason(error))
