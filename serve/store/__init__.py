@@ -9,7 +9,22 @@ of the answers: stored chat completions, feedback on them, and compare-mode pref
     store.list_feedback(Caller("admin", admin=True), status="new", corrected=True)
 
 Every method takes the Caller it acts for: a caller sees and changes only its own records, an admin every
-caller's. The schema is Alembic's (serve/store/alembic); `Store(url)` upgrades it to head when it opens.
+caller's (an id that is unknown or not the caller's gives None / False, never an error). The methods:
+
+    completions   add_completion, get, list_completions (model, metadata, source, order, after, limit -> Page),
+                  messages (after, limit, order -> Page of OpenAI store messages), update_metadata, delete
+    feedback      add_feedback (one per person and completion: a second call changes the first),
+                  get_feedback, list_feedback (rating, corrected, model, adapter_version, since, until, user,
+                  status, order, after, limit; each Feedback carries its Completion), edit_feedback,
+                  set_feedback_status ("new", "approved", "rejected"), delete_feedback
+    compare mode  add_preference (left, right, better: "left" | "right" | "tie"), list_preferences,
+                  set_preference_status, delete_preference
+    retention     delete_older_than(days), delete_user(owner), count()
+
+Lists page by id: pass a Page's `last_id` as `after`; an `after` that is not in the list raises BadCursor.
+Bad values (metadata over OpenAI's limits, an unknown rating or status) raise ValueError naming them.
+The schema is Alembic's (serve/store/alembic); `Store(url)` upgrades it to head when it opens, and
+raises StoreError (naming the URL without its password, and the fix) when it cannot.
 """
 
 from serve.store.records import (
