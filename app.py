@@ -53,6 +53,8 @@ def config_from_env() -> ChatConfig:
         # A Space has no adapters/ folder, so there the menu offers the base model and the adapter above.
         adapters_dir=os.environ.get("ASSISTANT_ADAPTERS_DIR", "adapters"),
         jobs_dir=os.environ.get("ASSISTANT_JOBS_DIR", "jobs"),
+        # Stored completions: $ASSISTANT_DATABASE_URL (read by ServerConfig.database), and who sees them all.
+        admins=os.environ.get("ASSISTANT_ADMINS", ""),
         # Training on a Space needs a login or a key (its app is bound to 0.0.0.0); this turns it off.
         no_training=os.environ.get("ASSISTANT_NO_TRAINING", "") not in ("", "0"),
     )

@@ -11,6 +11,7 @@ with the prompt and generation settings it carries.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -83,6 +84,11 @@ class AdapterFolder:
     def by_trainer(self) -> bool:
         """True for a folder train.sft published (so a new run may replace it)."""
         return self.kind in ("lora", "dora", "prefix") and any(name == REPORT_FILE for name, *_ in self.signature)
+
+    @property
+    def version(self) -> str:
+        """A short hash of the folder's signature: changes whenever the folder is written again."""
+        return hashlib.sha256(repr(self.signature).encode()).hexdigest()[:12]
 
     @property
     def has_tokenizer(self) -> bool:

@@ -7,10 +7,15 @@ says it comes from another site's page (any web page open on this machine can se
 127.0.0.1; its Origin gives it away).
 With a key, `Authorization: Bearer KEY` is required; with a Gradio login (`--auth-file`), a logged-in
 session works too and the keyless rule no longer applies.
+
+Who an admitted caller is (`caller`): the key's holder ("key:" and a short hash of the key, an admin), a
+logged-in user by name (an admin when named in --admins), else "local". Stored completions and feedback
+belong to that name; one caller never sees another's, an admin sees everyone's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import logging
@@ -22,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 # Headers a relaying proxy adds: with any of them the TCP peer is the proxy, not the caller.
 PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip")
+LOCAL = "local"  # the name of a keyless caller on this machine
 SET_A_KEY = (
     "set an API key on the server ($ASSISTANT_API_KEY or --api-key-file FILE) and send it as "
     "'Authorization: Bearer <key>'"
@@ -69,6 +75,7 @@ class AccessPolicy:
     bind_host: str = "127.0.0.1"
     share: bool = False
     login: bool = False  # --auth-file / $ASSISTANT_AUTH: the API needs the key or a logged-in session
+    admins: frozenset[str] = frozenset()  # --admins: user names that see every caller's records
 
     def check(self, peer: str | None, headers: Mapping[str, str], user: str | None = None) -> Refusal | None:
         """None when the caller may be served, else the refusal; `user` is the request's logged-in Gradio user
@@ -114,3 +121,39 @@ class AccessPolicy:
         if not same_origin(headers):  # a page of some site, open in a browser on this machine
             return f"a web page of {headers.get('origin')} sent it"
         return None
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request is: a logged-in user's name, "key:<hash>" for the API key's holder, or "local"."""
+
+    name: str
+    admin: bool = False  # sees (and may change) every caller's records
+
+    @property
+    def scope(self) -> str | None:
+        """Whose records it sees: its own name, or None (everyone's) for an admin."""
+        return None if self.admin else self.name
+
+
+def key_name(key: str) -> str:
+    """The name of the key's holder: "key:" and a short hash of the key (never the key)."""
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def caller(policy: AccessPolicy, headers: Mapping[str, str], user: str | None = None) -> Caller:
+    """Who a request that `policy.check` admitted is: the key's holder (an admin), else the logged-in Gradio
+    `user` (an admin when in policy.admins), else the local keyless caller "local"."""
+    headers = {k.lower(): v for k, v in headers.items()}
+    token = bearer_token(headers)
+    if policy.api_key and token and hmac.compare_digest(token.encode(), policy.api_key.encode()):
+        return Caller(key_name(policy.api_key), admin=True)
+    if policy.login and user and same_origin(headers):  # the session check() accepts
+        return Caller(user, admin=user in policy.admins)
+    return Caller(LOCAL, admin=LOCAL in policy.admins)
+
+
+def request_caller(policy: AccessPolicy, request) -> Caller:
+    """caller() for a Gradio request (gr.Request): its headers and its logged-in username."""
+    headers = dict(getattr(request, "headers", None) or {})
+    return caller(policy, headers, getattr(request, "username", None))

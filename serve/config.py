@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from sqlalchemy.engine import make_url
+
 from serve.access import AccessPolicy
+from serve.store import default_url
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +92,19 @@ class ServerConfig:
     max_upload_mb: float = field(
         default=50, metadata={"help": "Largest training file POST /v1/files accepts, in MB (413 above)."}
     )
+    database_url: str | None = field(
+        default=None,
+        metadata={"help": "Database of stored completions and feedback: sqlite:///PATH, or "
+                          "postgresql+psycopg://USER@HOST/DATABASE for a team server (its password in $PGPASSWORD "
+                          "or ~/.pgpass, never here: argv shows in `ps`; or the whole URL in "
+                          "$ASSISTANT_DATABASE_URL). Unset: $ASSISTANT_DATABASE_URL if set, else "
+                          "sqlite:///<jobs-dir>/assistant.db."},
+    )
+    admins: str = field(
+        default="",
+        metadata={"help": "Comma-separated user names (of the --auth-file login) that see and manage every "
+                          "user's stored completions and feedback; the API key's holder always does."},
+    )
 
     def openai_key(self) -> str | None:
         """The API key from --api-key-file or $ASSISTANT_API_KEY."""
@@ -111,8 +127,19 @@ class ServerConfig:
     def access_policy(self) -> AccessPolicy:
         """Who may call /v1, /chat and the screens' actions under this configuration (serve.access)."""
         return AccessPolicy(
-            api_key=self.openai_key(), bind_host=self.host, share=self.share, login=self.credentials() is not None
+            api_key=self.openai_key(), bind_host=self.host, share=self.share, login=self.credentials() is not None,
+            admins=frozenset(name.strip() for name in self.admins.split(",") if name.strip()),
         )
+
+    def database(self) -> str:
+        """The store's URL: --database-url, else $ASSISTANT_DATABASE_URL, else a SQLite file in --jobs-dir."""
+        if self.database_url:
+            if make_url(self.database_url).password is not None:
+                raise ValueError("--database-url must not hold a password (argv shows in `ps` and shell history): "
+                                 "put it in $PGPASSWORD or ~/.pgpass, or give the whole URL in "
+                                 "$ASSISTANT_DATABASE_URL")
+            return self.database_url
+        return os.environ.get("ASSISTANT_DATABASE_URL", "").strip() or default_url(self.jobs_dir)
 
 
 def removed_secret_flag(argv: list[str]) -> str | None:

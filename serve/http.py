@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from serve.access import AccessPolicy
+from serve.access import AccessPolicy, Caller, caller
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +65,21 @@ class Gate:
     policy: AccessPolicy
     session_user: Callable[[Request], str | None] | None = None  # default: the Gradio app's login cookie
 
+    def user(self, request: Request) -> str | None:
+        """The request's logged-in user (None: none, or no login configured)."""
+        return (self.session_user or (lambda r: gradio_user(r.app, r)))(request) if self.policy.login else None
+
     def check(self, request: Request) -> None:
         """Raise APIError unless the caller may be served."""
-        user = (self.session_user or (lambda r: gradio_user(r.app, r)))(request) if self.policy.login else None
         peer = request.client.host if request.client else None
-        refusal = self.policy.check(peer, request.headers, user)
+        refusal = self.policy.check(peer, request.headers, self.user(request))
         if refusal:
             logger.info("refused %s %s from %s: %s", request.method, request.url.path, peer, refusal.code)
             raise APIError(refusal.status, refusal.message, code=refusal.code)
+
+    def caller(self, request: Request) -> Caller:
+        """Who an admitted request is (serve.access.caller): whose records it may see."""
+        return caller(self.policy, request.headers, self.user(request))
 
 
 def api_router(gate: Gate | None) -> APIRouter:

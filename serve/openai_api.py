@@ -3,7 +3,8 @@
 Built on the same runtime as the chat UI: requests go through `stream_reply`, so requests that
 arrive together are generated in one batch, and a client that disconnects stops its generation
 (streaming or not). Bodies are size-limited and validated (serve.openai_schema) before any model
-work; who may call is serve.access's rule.
+work; who may call is serve.access's rule. With `store: true` the completion is kept (serve.store, for the
+caller serve.access.caller names) once its reply is complete; serve.stored_api serves it back.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import asdict
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -27,6 +29,7 @@ from serve.access import AccessPolicy
 from serve.http import APIError, Gate, api_router, read_body
 from serve.openai_schema import InvalidRequest, validate_chat
 from serve.registry import BASE_CHOICE, ModelRegistry
+from serve.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +48,15 @@ class OpenAIServer:
         *,
         max_body_bytes: int = MAX_BODY_BYTES,
         session_user: Callable[[Request], str | None] | None = None,
+        store: Callable[[], Store] | None = None,
     ):
         # session_user: the logged-in user of a request (default: the Gradio app's login cookie).
+        # store: opens (once) and returns the store `store: true` keeps completions in (None: not kept here).
         self.registry = registry
         self.max_body_bytes = max_body_bytes
-        self.router = api_router(Gate(access or AccessPolicy(), session_user))
+        self.store = store
+        self.gate = Gate(access or AccessPolicy(), session_user)
+        self.router = api_router(self.gate)
         self.router.add_api_route("/models", self.models, methods=["GET"])
         self.router.add_api_route("/chat/completions", self.completions, methods=["POST"])
 
@@ -79,9 +86,14 @@ class OpenAIServer:
         """POST /v1/chat/completions, streaming (SSE) or not."""
         body = await read_body(request, self.max_body_bytes, self._too_large)
         call = await run_in_threadpool(self._prepare, body)
+        call["who"] = self.gate.caller(request)
         if call["stream"]:
             return StreamingResponse(self._sse(request, call), media_type="text/event-stream")
-        return await self._complete_while_connected(request, call)
+        reply = await self._complete_while_connected(request, call)
+        if call["store"] and not call["disconnected"]:
+            choice = reply["choices"][0]
+            await run_in_threadpool(self._save, call, choice["message"]["content"], choice["finish_reason"])
+        return reply
 
     def _too_large(self) -> APIError:
         return APIError(
@@ -101,6 +113,8 @@ class OpenAIServer:
             raise self._no_model(req.model)
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        if req.store and self.store is None:
+            raise APIError(400, "This server keeps no completions: leave 'store' out (or false).", param="store")
         messages = req.plain_messages()
         if messages[-1]["role"] != "user":
             raise APIError(400, "the last message must come from the user", param="messages")
@@ -132,6 +146,11 @@ class OpenAIServer:
             "prompt_tokens": prompt_tokens,
             "created": int(time.time()),
             "cancel": threading.Event(),
+            "disconnected": False,
+            "store": bool(req.store),
+            "metadata": dict(req.metadata or {}),
+            "settings": {**asdict(params), "stop": req.stops()},
+            "adapter_version": folder.version if (folder := getattr(chat, "folder", None)) else None,
         }
 
     def _no_model(self, model: str, reason: str | None = None) -> APIError:
@@ -194,9 +213,24 @@ class OpenAIServer:
         while not (await asyncio.wait({work}, timeout=DISCONNECT_POLL_S))[0]:
             if await request.is_disconnected():
                 logger.info("%s: client disconnected, cancelling its reply", call["id"])
+                call["disconnected"] = True
                 call["cancel"].set()
                 break
         return await work
+
+    def _save(self, call: dict, content: str, finish: str) -> None:
+        """Keep a complete reply (`store: true`) for the caller who asked; APIError when it cannot be kept."""
+        try:
+            self.store().add_completion(
+                call["who"], id=call["id"], created=call["created"], model=call["model"], messages=call["messages"],
+                reply={"role": "assistant", "content": content}, finish_reason=finish, settings=call["settings"],
+                usage=_usage(call, content), metadata=call["metadata"], adapter_version=call["adapter_version"],
+                source="api",
+            )
+        except Exception as error:
+            logger.exception("could not store %s", call["id"])
+            raise APIError(500, f"The reply was generated but could not be stored ({error}); retry, or leave "
+                                "'store' out.", kind="server_error") from error
 
     async def _sse(self, request: Request, call: dict) -> AsyncIterator[str]:
         def event(body: dict) -> str:
@@ -215,7 +249,7 @@ class OpenAIServer:
             return event(body)
 
         pieces = self._deltas(call)
-        content = ""
+        content, ended = "", "stop"
         try:
             yield chunk({"role": "assistant", "content": ""}, None)
             while (item := await run_in_threadpool(next, pieces, None)) is not None:
@@ -226,12 +260,19 @@ class OpenAIServer:
                 if piece:
                     yield chunk({"content": piece}, None)
                 if finish:
+                    ended = finish
                     yield chunk({}, finish)
             else:
                 if call["include_usage"]:
                     last = {"id": call["id"], "object": "chat.completion.chunk", "created": call["created"],
                             "model": call["model"], "choices": [], "usage": _usage(call, content)}
                     yield event(last)
+                if call["store"]:  # the stream is complete: keep it before saying so
+                    try:
+                        await run_in_threadpool(self._save, call, content, ended)
+                    except APIError as error:
+                        yield event(error.body())
+                        return
                 yield "data: [DONE]\n\n"
         except Exception as error:  # headers are sent: the failure goes to the client as an error event
             logger.exception("generation failed for %s", call["id"])

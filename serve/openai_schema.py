@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from assistant.generation import GenerationParams
+from serve.store.records import metadata_problem
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,17 @@ class ChatRequest(_Strict):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     user: str | None = None
+    # Stored completions (serve.store): keep this completion, tagged with `metadata` (OpenAI's limits).
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        problem = metadata_problem(value) if value is not None else None
+        if problem:
+            raise PydanticCustomError("invalid_metadata", problem)
+        return value
 
     @field_validator("n")
     @classmethod

@@ -2,13 +2,15 @@
 
 `Server(config)` is built once per process by `python -m ui`, the Space's app.py and the tests; the
 screens (ui/) ask it for what they show and do, and `mount(app)` adds the OpenAI-compatible routes
-(`/v1/models`, `/v1/chat/completions`, `/v1/files`, `/v1/fine_tuning/jobs`) to the running web app.
+(`/v1/models`, `/v1/chat/completions` with the stored completions, `/v1/files`, `/v1/fine_tuning/jobs`) to
+the running web app. `store` is the database of stored completions and feedback, opened on first use.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import threading
 from pathlib import Path
 
 from serve.access import AccessPolicy
@@ -20,6 +22,8 @@ from serve.jobs import JobError, JobRunner
 from serve.openai_api import OpenAIServer
 from serve.registry import ModelRegistry
 from serve.remote import RemoteRegistry
+from serve.store import Store, StoreError
+from serve.stored_api import StoredCompletionsServer
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +41,23 @@ class Server:
         self.access: AccessPolicy = config.access_policy()
         self.registry = registry or make_registry(config)
         self.jobs: JobRunner | None = job_runner(config, self.registry, train_args) if jobs is _UNSET else jobs
+        self._store: Store | None = None
+        self._store_lock = threading.Lock()
+
+    @property
+    def store(self) -> Store:
+        """The database of stored completions, feedback and preferences (config.database()), opened and
+        upgraded to the newest schema on first use; raises serve.store.StoreError (or ValueError for a
+        password on the command line) saying what to fix."""
+        with self._store_lock:
+            if self._store is None:
+                try:
+                    url = self.config.database()
+                except ValueError as error:  # a password on the command line
+                    raise StoreError(str(error)) from None
+                self._store = Store(url)
+                atexit.register(self._store.close)
+            return self._store
 
     @property
     def local(self) -> bool:
@@ -48,8 +69,10 @@ class Server:
         if not self.local:
             return
         config, gate = self.config, Gate(self.access)
-        app.include_router(OpenAIServer(self.registry, self.access,
-                                        max_body_bytes=config.max_request_kb * 1024).router)
+        body_limit = config.max_request_kb * 1024
+        app.include_router(OpenAIServer(self.registry, self.access, max_body_bytes=body_limit,
+                                        store=lambda: self.store).router)
+        app.include_router(StoredCompletionsServer(lambda: self.store, self.access, max_body_bytes=body_limit).router)
         if self.jobs is None:
             reason = ("Fine-tuning is turned off on this server (it was started with --no-training); start it "
                       "without --no-training to train." if config.no_training else
@@ -59,7 +82,7 @@ class Server:
             return
         app.include_router(FineTuningServer(
             self.jobs, self.access,
-            max_body_bytes=config.max_request_kb * 1024,
+            max_body_bytes=body_limit,
             max_upload_bytes=int(config.max_upload_mb * 1024 * 1024),
         ).router)
 

@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from serve.access import AccessPolicy
+from serve.access import LOCAL, AccessPolicy, Caller, caller, key_name
 from serve.openai_api import OpenAIServer
 from tests.conftest import free_port
 from ui.config import ChatConfig
@@ -215,3 +215,30 @@ def test_the_train_tab_follows_the_same_rule(tmp_path):
         assert not files.list() and not runner.list()
     finally:
         runner.close()
+
+
+def test_who_a_caller_is_names_the_key_holder_a_logged_in_user_or_local():
+    policy = AccessPolicy(api_key=KEY, login=True, admins=frozenset({"root"}))
+    holder = caller(policy, {"Authorization": f"Bearer {KEY}"}, user="ann")
+    assert holder == Caller(key_name(KEY), admin=True) and KEY not in holder.name and holder.name.startswith("key:")
+    assert caller(policy, {"Authorization": "Bearer wrong"}, user="ann") == Caller("ann", admin=False)
+    assert caller(policy, {}, user="root") == Caller("root", admin=True) and caller(policy, {}, "root").scope is None
+    assert caller(policy, {"Origin": "https://evil.example", "Host": "h"}, user="ann").name == LOCAL, (
+        "a session spent by another site's page is nobody's"
+    )
+    assert caller(AccessPolicy(), {"Authorization": f"Bearer {KEY}"}, user="ann") == Caller(LOCAL), (
+        "a key the server does not have, or a login it does not require, names no one"
+    )
+    assert Caller("ann").scope == "ann"
+
+
+def test_admins_and_the_database_come_from_the_config(tmp_path, monkeypatch):
+    monkeypatch.delenv("ASSISTANT_DATABASE_URL", raising=False)
+    config = ChatConfig(jobs_dir=str(tmp_path / "jobs"), admins=" ann, bob ,,")
+    assert config.access_policy().admins == frozenset({"ann", "bob"})
+    assert config.database() == f"sqlite:///{(tmp_path / 'jobs').resolve()}/assistant.db"
+    monkeypatch.setenv("ASSISTANT_DATABASE_URL", "postgresql+psycopg://team:pw@db/assistant")
+    assert config.database() == "postgresql+psycopg://team:pw@db/assistant"
+    assert ChatConfig(database_url="postgresql://team@db/x").database() == "postgresql://team@db/x"
+    with pytest.raises(ValueError, match="PGPASSWORD"):
+        ChatConfig(database_url="postgresql://team:pw@db/x").database()

@@ -10,6 +10,7 @@ from transformers import HfArgumentParser
 
 from assistant.logs import configure
 from serve.config import removed_secret_flag
+from serve.store import StoreError
 from ui.config import ChatConfig
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         auth = config.credentials()
         demo = build_app(config)
-    except (OSError, ValueError) as error:
+        if demo.service.local:  # open (and upgrade) the store now: a wrong --database-url stops the start
+            logger.info("stored completions in %s", demo.service.store.label)
+    except (OSError, ValueError, StoreError) as error:
         sys.exit(f"error: {error}")
     # Warm the default choice so the first message does not wait for loading (and errors show now).
     registry = demo.registry  # type: ignore[attr-defined]
