@@ -179,6 +179,7 @@ def test_help_documents_the_command_line_contract():
         "--load-in-4bit",
         "--system-prompt",
         "--time-budget",
+        "--generation-rows",
     ]:
         assert flag in done.stdout
 

@@ -22,7 +22,6 @@ from train.records import Example
 logger = logging.getLogger(__name__)
 
 REPETITION_PENALTIES = (1.0, 1.05, 1.1)
-ROWS = 16  # validation rows each candidate answers (train.sft --generation-rows)
 REPLY_TOKENS = 48  # length cap of each reply: enough to tell the candidates apart, cheap on a CPU
 SEED = 0  # sampling candidates draw from a fixed seed, so a rerun measures the same
 
@@ -61,14 +60,15 @@ def choose_generation(
     rows: Sequence[Example],
     temperature: float = GenerationParams.temperature,
     *,
-    max_rows: int = ROWS,
+    max_rows: int | None = None,
     max_new_tokens: int = REPLY_TOKENS,
     seed: int = SEED,
     penalties: Sequence[float] = REPETITION_PENALTIES,
     reply: Reply = _serve,
     score: Score = rouge_l,
 ) -> dict:
-    """Measure every candidate on up to `max_rows` of `rows` and return the report of the choice:
+    """Measure every candidate on `rows` (the first `max_rows` with a reference: train.sft --generation-rows)
+    and return the report of the choice:
 
     {"settings": the winner's generation_config fields, "candidates": [{"settings", "rouge_l"}, ...] in
     the order tried, "rows": rows used, "max_new_tokens": reply length}. Rows need a final assistant
