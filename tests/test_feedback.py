@@ -38,7 +38,7 @@ from serve.feedback import (
 )
 from serve.registry import BASE_CHOICE, ModelRegistry
 from serve.store import Store
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 
 ANN, BOB, ADMIN = Caller("ann"), Caller("bob"), Caller("root", admin=True)
 TRAINED = "You are Support, the help desk of Acme."
@@ -240,14 +240,12 @@ def test_retention_deletes_older_records_at_start(store):
     old = store.add_completion(ANN, model="base", messages=_chat("old"), reply={"role": "assistant", "content": "x"},
                                created=int(time.time()) - 3 * 86400)
     new = store.add_completion(ANN, model="base", messages=_chat("new"), reply={"role": "assistant", "content": "y"})
-    retention = Retention(lambda: store, 2).start()
+    retention = Retention(lambda: store, 2).start()  # its next pass is a day away
     try:
-        deadline = time.monotonic() + 10
-        while store.get(ADMIN, old.id) is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: store.get(ADMIN, old.id) is None, 10, what="the first pass, at start")
+        assert store.get(ADMIN, new.id) is not None
     finally:
         retention.close()
-    assert store.get(ADMIN, old.id) is None and store.get(ADMIN, new.id) is not None
     with pytest.raises(ValueError, match="above 0"):
         check_days(0)
 
