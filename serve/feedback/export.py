@@ -50,14 +50,16 @@ class Exported:
     kind: str
     redacted: dict[str, int] | None = field(default=None)  # None: not redacted
 
+    def privacy(self) -> str:
+        """What redaction replaced: "redacted: 2 e-mail addresses", or "not redacted"."""
+        if self.redacted is None:
+            return "not redacted"
+        return f"redacted: {describe(self.redacted) or 'no personal data found'}"
+
     def summary(self) -> str:
         """One line: what was written where, and what redaction replaced."""
         what = "SFT rows" if self.kind == "sft" else "preference rows"
-        if self.redacted is None:
-            privacy = "not redacted"
-        else:
-            privacy = f"redacted: {describe(self.redacted) or 'no personal data found'}"
-        return f"wrote {self.rows} {what} to {self.path} ({privacy})"
+        return f"wrote {self.rows} {what} to {self.path} ({self.privacy()})"
 
 
 def _check(kind: str, status: str) -> None:
