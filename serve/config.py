@@ -100,6 +100,12 @@ class ServerConfig:
                           "$ASSISTANT_DATABASE_URL). Unset: $ASSISTANT_DATABASE_URL if set, else "
                           "sqlite:///<jobs-dir>/assistant.db."},
     )
+    retain_days: float | None = field(
+        default=None,
+        metadata={"help": "Delete stored completions, feedback and preferences created more than this many days "
+                          "ago, when the server starts and then daily (unset: keep them; `python -m "
+                          "serve.feedback prune --retain-days N` does it once)."},
+    )
     admins: str = field(
         default="",
         metadata={"help": "Comma-separated user names (of the --auth-file login) that see and manage every "

@@ -3,7 +3,8 @@
 `Server(config)` is built once per process by `python -m ui`, the Space's app.py and the tests; the
 screens (ui/) ask it for what they show and do, and `mount(app)` adds the OpenAI-compatible routes
 (`/v1/models`, `/v1/chat/completions` with the stored completions, `/v1/files`, `/v1/fine_tuning/jobs`) to
-the running web app. `store` is the database of stored completions and feedback, opened on first use.
+the running web app. `store` is the database of stored completions and feedback, opened on first use
+(and pruned of what is older than --retain-days, at start and daily).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from serve.access import AccessPolicy
 from serve.config import ServerConfig
+from serve.feedback import Retention
 from serve.files import FileStore
 from serve.fine_tuning_api import FineTuningServer, training_off_router
 from serve.http import Gate
@@ -43,6 +45,11 @@ class Server:
         self.jobs: JobRunner | None = job_runner(config, self.registry, train_args) if jobs is _UNSET else jobs
         self._store: Store | None = None
         self._store_lock = threading.Lock()
+        # --retain-days: older records go now (in the background) and then daily.
+        self.retention = Retention(lambda: self.store, config.retain_days) if config.retain_days is not None else None
+        if self.retention is not None:
+            self.retention.start()
+            atexit.register(self.retention.close)
 
     @property
     def store(self) -> Store:

@@ -1,4 +1,4 @@
-"""Personal data: the offline detectors (train.pii), the doctor's warnings, and train.sft --redact."""
+"""Personal data: the offline detectors (assistant.pii), the doctor's warnings, and train.sft --redact."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
+from assistant.pii import Placeholders, find, iban_ok, luhn_ok, redact, redact_conversation, redact_rows
 from tests.conftest import FAST, ROOT, sft
 from train.check import personal_data, personal_data_lines
-from train.pii import Placeholders, find, iban_ok, luhn_ok, redact, redact_conversation, redact_rows
 from train.pipeline import prepare_data
 from train.records import load_examples
 from train.sft import SFTConfig

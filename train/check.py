@@ -1,7 +1,7 @@
 """`python -m train.check FILE`: the dataset doctor. Exit 0 when the file can be trained on, 1 otherwise.
 
 With --json the report is one JSON object on stdout, {"ok": bool, "lines": [the report's lines], "personal_data":
-{...}}: what the app (serve.doctor) reads. Personal data (train.pii) is a warning per row and field, never an error.
+{...}}: what the app (serve.doctor) reads. Personal data (assistant.pii) is a warning per row and field, never an error.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from assistant.adapters import TrainedPrompt
 from assistant.chat_format import IGNORE_INDEX, TemplateError
 from assistant.embedded import EMBEDDED
 from assistant.models import load_tokenizer
+from assistant.pii import DEFAULT_REGION, NAMES, NOT_DETECTED, RegionError, check_region, describe, find
 from train.cli import parse_with_positional
 from train.features import (
     Features,
@@ -26,7 +27,6 @@ from train.features import (
     trained_prompt_of,
     with_system_prompt,
 )
-from train.pii import DEFAULT_REGION, NAMES, NOT_DETECTED, RegionError, check_region, describe, find
 from train.records import DataError, Example, load_examples
 
 MAX_SHOWN = 20  # fields with personal data listed one per line; the rest are counted

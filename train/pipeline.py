@@ -88,8 +88,8 @@ def prepare_data(config) -> PreparedData:
 
 
 def _redact(train_rows: list[Example], valid_rows: list[Example], region: str):
-    """The rows with personal data replaced (train.pii), and the replacements per kind."""
-    from train.pii import RegionError, check_region, describe, redact_rows
+    """The rows with personal data replaced (assistant.pii), and the replacements per kind."""
+    from assistant.pii import RegionError, check_region, describe, redact_rows
 
     try:
         check_region(region)

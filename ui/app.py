@@ -4,7 +4,9 @@ Layout and wiring live here; the event functions are in ui.handlers, the turn lo
 the per-browser Stop in ui.stopping. The chat is the "Chat" tab; a "Train" tab (ui.train_tab) fine-tunes
 adapters beside it wherever the app runs fine-tuning jobs (not with --backend-url or --no-training), and
 the chat's "Export this adapter" panel (ui.export_panel) zips the chosen adapter for Ollama, llama.cpp or
-transformers wherever the adapters are local (not with --backend-url).
+transformers wherever the adapters are local (not with --backend-url). Every reply has thumbs up/down and
+"Correct this reply" (ui.feedback_panel; compare mode also asks which side was better): what is rated is
+stored (serve.feedback), and the "Data" tab (ui.data_tab) reviews it, exports it and trains on it.
 Histories are plain [{"role", "content"}] lists, kept in the browser's localStorage (gr.BrowserState)
 so a reload keeps them and two browsers never share one.
 
@@ -37,7 +39,9 @@ from serve.registry import ModelRegistry
 from serve.remote import RemoteRegistry
 from serve.server import _UNSET, Server
 from ui.config import ChatConfig
+from ui.data_tab import DataTab
 from ui.export_panel import ExportPanel
+from ui.feedback_panel import FeedbackPanel, TurnLog
 from ui.handlers import EMPTY_STORE, Handlers, save, status_text, toggle_compare
 from ui.inert import SHOWN_AS_TEXT, PolicedBlocks
 from ui.prompts import CUSTOM_PROMPT
@@ -45,7 +49,7 @@ from ui.stopping import StopSignals
 from ui.train_tab import TrainTab
 
 STORAGE_KEY = "chat-assistant-history"
-CHAT_TAB, TRAIN_TAB = "chat", "train"
+CHAT_TAB, TRAIN_TAB, DATA_TAB = "chat", "train", "data"
 
 
 def build_app(
@@ -63,24 +67,32 @@ def build_app(
     `demo.service.mount(demo.app)` adds the OpenAI-compatible API."""
     server = server or Server(config, registry=registry, jobs=jobs)
     registry = server.registry
+    turns = TurnLog()  # each reply's Turn, for the feedback it may get
     handlers = Handlers(registry, StopSignals(), gpu or (lambda fn: fn), access=server.access,
-                        slider_overrides=defaults)
+                        slider_overrides=defaults, turns=turns)
+    store = lambda: server.store  # noqa: E731 - opened on first use
+    feedback = FeedbackPanel(turns, store, server.access)
     train = TrainTab(server.jobs, registry, server.access) if server.jobs is not None else None
+    data = DataTab(store, server.access, registry, server.jobs)
     # Only in-process adapters have folders to export; a --backend-url client has none.
     export = ExportPanel(registry, server.access) if server.local else None
     # PolicedBlocks: its server forbids images from other origins (ui.inert).
     with PolicedBlocks(title="Chat assistant") as demo:
         with gr.Tabs(selected=CHAT_TAB, elem_id="tabs") as tabs:
             with gr.Tab("Chat", id=CHAT_TAB, elem_id="chat-tab"):
-                ui = _layout(registry, handlers, export)
+                ui = _layout(registry, handlers, export, feedback)
             if train is not None:
                 with gr.Tab("Train", id=TRAIN_TAB, elem_id="train-tab"):
                     train.layout()
+            with gr.Tab("Data", id=DATA_TAB, elem_id="data-tab") as data_tab:
+                data.layout()
         _wire(demo, ui, handlers)
+        feedback.wire(demo, ui.chatbot, ui.base, ui.compare)
         if export is not None:
             export.wire(ui.choice)
         if train is not None:
             train.wire(demo, tabs, CHAT_TAB, ui.choice, ui.compare, ui.chatbot, ui.base)
+        data.wire(demo, data_tab, tabs, train, TRAIN_TAB)
         gr.api(handlers.api_chat, api_name="chat", api_description=Handlers.api_chat.__doc__)
     # Up to a batch of requests run at once (the runtime generates requests that arrive together in one
     # batch); the others wait in the queue, which shows their position, and beyond max_size are turned away.
@@ -90,6 +102,8 @@ def build_app(
     demo.handlers = handlers  # the screen's event functions (tests drive them as the screen would)
     demo.jobs = server.jobs  # the fine-tuning jobs (None: no training here); the caller closes it on shutdown
     demo.export_panel = export  # None: no local adapters to export
+    demo.feedback = feedback  # the chat's thumbs, corrections and compare-mode choices
+    demo.data_tab = data  # the Data tab's event functions
     return demo
 
 
@@ -105,7 +119,8 @@ class _Widgets:
                 self.repetition_penalty, self.max_new_tokens, self.seed]
 
 
-def _layout(registry: ModelRegistry, handlers: Handlers, export: ExportPanel | None = None) -> _Widgets:
+def _layout(registry: ModelRegistry, handlers: Handlers, export: ExportPanel | None = None,
+            feedback: FeedbackPanel | None = None) -> _Widgets:
     choice = registry.default_choice()
     prompt_names, first_prompt = handlers.prompt_menu(choice)
     w: dict = {}
@@ -125,6 +140,8 @@ def _layout(registry: ModelRegistry, handlers: Handlers, export: ExportPanel | N
                 w["retry_btn"] = gr.Button("Retry", size="sm", elem_id="retry")
                 w["undo_btn"] = gr.Button("Undo", size="sm", elem_id="undo")
                 w["clear_btn"] = gr.Button("Clear", size="sm", elem_id="clear")
+            if feedback is not None:
+                feedback.layout()
         with gr.Column(scale=1):
             w["choice"] = gr.Dropdown(registry.choices, value=registry.default_choice(), label="Adapter",
                                       elem_id="adapter")
@@ -147,9 +164,10 @@ def _layout(registry: ModelRegistry, handlers: Handlers, export: ExportPanel | N
 def _chatbot(label: str, elem_id: str, *, visible: bool, editable: str | None) -> gr.Chatbot:
     # sanitize_html drops scripts; SHOWN_AS_TEXT escapes raw HTML tags (an <img> or a Markdown image
     # included) so they show as typed, never as elements (ui.inert).
+    # Thumbs up/down on every reply (their .like event stores them: ui.feedback_panel).
     return gr.Chatbot(label=label, elem_id=elem_id, visible=visible, height=480, editable=editable,
                       sanitize_html=True, allow_tags=SHOWN_AS_TEXT, render_markdown=True, buttons=["copy", "copy_all"],
-                      feedback_options=None)
+                      feedback_options=("Like", "Dislike"))
 
 
 def _sliders(w: dict, d: GenerationParams) -> None:

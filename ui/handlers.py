@@ -9,11 +9,21 @@ import gradio as gr
 
 from assistant.generation import GenerationParams
 from serve.access import AccessPolicy
+from serve.feedback import turn_of
 from serve.openai_schema import InvalidRequest, validate_chat
 from serve.registry import BASE_CHOICE, ModelRegistry
 from ui.access import admit
 from ui.chat import Settings, stream_answer, stream_turn
-from ui.history import cut_for_edit, cut_for_retry, cut_for_undo, index_of, last_user_index, plain
+from ui.feedback_panel import TurnLog
+from ui.history import (
+    cut_for_edit,
+    cut_for_retry,
+    cut_for_undo,
+    index_of,
+    last_user_index,
+    model_messages,
+    plain,
+)
 from ui.prompts import AS_TRAINED, CUSTOM_PROMPT, DEFAULT_PROMPT, list_prompts
 from ui.stopping import StopSignals
 
@@ -27,25 +37,44 @@ class Handlers:
     """Event functions; each streaming one registers itself so this browser's Stop can end it."""
 
     def __init__(self, registry: ModelRegistry, signals: StopSignals, gpu: Callable[[Callable], Callable],
-                 access: AccessPolicy | None = None, slider_overrides: dict | None = None):
+                 access: AccessPolicy | None = None, slider_overrides: dict | None = None,
+                 turns: TurnLog | None = None):
         # access: who may call /chat (serve.access); None only for in-process use, where no caller is remote.
+        # turns: where each reply's Turn is recorded for the feedback panel (None: not recorded).
         self.registry = registry
         self.signals = signals
         self.access = access
         self.slider_overrides = dict(slider_overrides or {})  # the sliders' start where not the model's own
+        self.turns = turns
         self.prompts = list_prompts()
         self.default_prompt = self.prompts.get(DEFAULT_PROMPT, "")
-        # Spaces' @spaces.GPU must wrap exactly the functions that run the model.
-        self.send = gpu(self.send)
-        self.retry = gpu(self.retry)
-        self.edit = gpu(self.edit)
-        self.retry_last = gpu(self.retry_last)
+        # Spaces' @spaces.GPU must wrap exactly the functions that run the model (on ZeroGPU they run in
+        # another process: what they record there is lost, so the Turns are recorded outside them).
+        self._generate = gpu(self._generate)
         self._api_reply = gpu(self._api_reply)  # the access check stays outside: a refusal takes no GPU
 
     def _stream(self, request: gr.Request | None, settings: Settings, history: list, base: list) -> Iterator:
+        self._record(getattr(request, "session_hash", None), settings, history, base)
+        yield from self._generate(request, settings, history, base)
+
+    def _generate(self, request: gr.Request | None, settings: Settings, history: list, base: list) -> Iterator:
         with self.signals.request(getattr(request, "session_hash", None)) as stopper:
             for chat, side in stream_turn(self.registry, stopper, settings, history, base):
                 yield chat, side, status_text(self.registry, settings.choice)
+
+    def _record(self, session: str | None, settings: Settings, history: list, base: list) -> None:
+        """Record the Turn of the reply about to be generated on each side (what the model will see)."""
+        if self.turns is None or not session:
+            return
+        sides = [("chat", history, True)] + ([("base", base, False)] if settings.compare else [])
+        for side, before, use_adapter in sides:
+            try:
+                turn = turn_of(self.registry, settings.choice, model_messages(settings.system, before),
+                               settings.params, use_adapter=use_adapter, context=before)
+            except Exception:  # the chat goes on; only rating this reply will say it cannot
+                logger.exception("could not record the turn of a reply of %s", settings.choice)
+                continue
+            self.turns.put(session, side, len(before), turn)
 
     def send(self, message: str, history: list, base: list, choice: str, compare: bool, prompt: str,
              system: str, temperature: float, top_p: float, top_k: int, repetition_penalty: float, max_new_tokens: int,

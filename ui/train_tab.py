@@ -109,7 +109,8 @@ class TrainTab:
         self.upload.upload(self.choose_upload, self.upload, [*checked, self.pick], api_visibility="private")
         self.upload.clear(lambda: (None, "", gr.update(interactive=False)), None, checked, **quick)
         self.pick.input(self.choose_data_file, self.pick, [*checked, self.upload], api_visibility="private")
-        shown = [self.progress, self.plot, self.log, self.result, self.stop_btn, self.resume_btn,
+        # What show() and refresh() fill (the Data tab's "Train on these" shows its job with them too).
+        self.shown = shown = [self.progress, self.plot, self.log, self.result, self.stop_btn, self.resume_btn,
                  self.chat_btn, self.seen, self.job_id]
         settings = [self.method, self.budget, self.epochs, self.batch_size, self.lr_multiplier,
                     self.max_steps, self.system, self.seed, self.suffix]

@@ -16,8 +16,8 @@ caller's (an id that is unknown or not the caller's gives None / False, never an
     feedback      add_feedback (one per person and completion: a second call changes the first),
                   get_feedback, list_feedback (rating, corrected, model, adapter_version, since, until, user,
                   status, order, after, limit; each Feedback carries its Completion), edit_feedback,
-                  set_feedback_status ("new", "approved", "rejected"), delete_feedback
-    compare mode  add_preference (left, right, better: "left" | "right" | "tie"), list_preferences,
+                  set_feedback_status ("new", "approved", "rejected"), delete_feedback, feedback_counts
+    compare mode  add_preference (left, right, better: "left" | "right" | "tie"), get_preference, list_preferences,
                   set_preference_status, delete_preference
     retention     delete_older_than(days), delete_user(owner), count()
 

@@ -422,6 +422,33 @@ class Store:
 
         return self._read(page)
 
+    def feedback_counts(self, who: Caller) -> dict[str, dict[str, int]]:
+        """What `who` may see at a glance: feedback by review status, by rating ("none": unrated) and
+        corrected or not; compare-mode preferences by status."""
+
+        def counts(session: Session) -> dict[str, dict[str, int]]:
+            def grouped(column, table) -> dict:
+                query = select(column, func.count()).select_from(table).group_by(column)
+                if who.scope is not None:
+                    query = query.where(table.owner == who.scope)
+                return {key: n for key, n in session.execute(query).all()}
+
+            by_status, by_rating = grouped(FeedbackRow.status, FeedbackRow), grouped(FeedbackRow.rating, FeedbackRow)
+            has = or_(FeedbackRow.correction.is_not(None), FeedbackRow.edited_correction.is_not(None))
+            query = select(func.count()).select_from(FeedbackRow).where(has)
+            if who.scope is not None:
+                query = query.where(FeedbackRow.owner == who.scope)
+            corrected = session.scalar(query) or 0
+            preferences = grouped(PreferenceRow.status, PreferenceRow)
+            return {
+                "status": {status: by_status.get(status, 0) for status in STATUSES},
+                "rating": {**{rating: by_rating.get(rating, 0) for rating in RATINGS}, "none": by_rating.get(None, 0)},
+                "corrected": {"yes": corrected, "no": sum(by_status.values()) - corrected},
+                "preferences": {status: preferences.get(status, 0) for status in STATUSES},
+            }
+
+        return self._read(counts)
+
     def set_feedback_status(self, who: Caller, feedback_id: str, status: str) -> Feedback | None:
         """Review a feedback record: "new", "approved" or "rejected"; None when unknown or not `who`'s."""
         if status not in STATUSES:
@@ -495,6 +522,10 @@ class Store:
             return _preference(row)
 
         return self._write(add)
+
+    def get_preference(self, who: Caller, preference_id: str) -> Preference | None:
+        """One preference, or None when it is unknown or not `who`'s."""
+        return self._read(lambda s: _maybe(_preference, _preference_row(s, who, preference_id)))
 
     def list_preferences(
         self,

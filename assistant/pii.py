@@ -4,8 +4,8 @@ within a conversation.
 
 Person names are NOT detected: every well-kept name detector (Presidio's PERSON, spaCy's NER) needs a trained
 language model that this project cannot install or download; a regex for names would be a fake. Only the
-standard library and `phonenumbers` are used, so this module can move below train/ (serve and ui never
-import train) without bringing anything along.
+standard library and `phonenumbers` are used, so it lives in assistant/: the trainer (train.sft --redact, the
+dataset doctor) and the server (serve.feedback's exports, which may not import train) share one set of detectors.
 """
 
 from __future__ import annotations
