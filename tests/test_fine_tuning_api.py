@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from openai import BadRequestError, ConflictError, NotFoundError, OpenAI, PermissionDeniedError
 
+from tests.adapter_replies import adapter_reply
 from tests.conftest import DATA, FAST, Server, free_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -79,9 +80,10 @@ def trained(client, app) -> dict:
              timeout=180, interval=0.2, what="the first checkpoint")
     client.fine_tuning.jobs.pause(job.id)
     paused = wait_status(client, job.id, {"paused", "succeeded", "failed", "cancelled"})
+    newest = client.fine_tuning.jobs.checkpoints.list(job.id).data[0].step_number  # where the job must go on
     resumed = client.fine_tuning.jobs.resume(job.id)
     done = wait_status(client, job.id, {"succeeded", "failed", "cancelled", "paused"})
-    return {"upload": upload, "job": done, "paused": paused, "resumed": resumed}
+    return {"upload": upload, "job": done, "paused": paused, "resumed": resumed, "newest_at_pause": newest}
 
 
 def test_uploads_are_listed_retrieved_and_deleted(client):
@@ -104,7 +106,8 @@ def test_a_job_pauses_and_resumes_from_its_checkpoint(client, trained):
     assert trained["resumed"].status == "queued"
     assert job.status == "succeeded", job.error
     messages = [e.message for e in all_events(client, job.id)]
-    assert any("resumed from checkpoint-" in m for m in messages), messages  # train.sft's own words
+    # train.sft's own words, naming the newest checkpoint saved before the pause
+    assert any(m.endswith(f", resumed from checkpoint-{trained['newest_at_pause']}") for m in messages), messages
     steps = [e.data["step"] for e in all_events(client, job.id) if e.type == "metrics"]
     assert max(steps) == STEPS
 
@@ -135,13 +138,17 @@ def test_checkpoints_are_listed(client, trained):
     assert newest.fine_tuned_model_checkpoint.endswith(f":ckpt-step-{STEPS}")
 
 
-def test_the_fine_tuned_model_chats_at_once(client, trained):
+def test_the_fine_tuned_model_chats_at_once(client, trained, app):
     model = trained["job"].fine_tuned_model
     assert model and model.startswith("ft-sdk-")
     assert model in {m.id for m in client.models.list().data}
-    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Can I book a table?"}],
-                                           max_tokens=8, temperature=0)
-    assert reply.model == model and reply.choices[0].message.content.strip()
+    messages = [{"role": "user", "content": "Can I book a table?"}]
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+    assert reply.model == model
+    # The folder the job published, loaded here: its reply differs from the base model's.
+    own = adapter_reply(app.demo.jobs.adapters_dir / model, messages, precision=app.registry.precision,
+                        max_new_tokens=8, temperature=0)
+    assert reply.choices[0].message.content == own, "the adapter's own reply"
 
 
 def test_jobs_are_listed_newest_first_in_pages(client, trained):

@@ -64,8 +64,8 @@ def test_a_job_survives_a_killed_server_and_resumes_from_its_checkpoint(tmp_path
     job_id = server.stdout.readline().strip()
     folder = tmp_path / "jobs" / job_id
     checkpoints = lambda: [e for e in read_lines(folder / "train_events.jsonl") if e["event"] == "checkpoint"]  # noqa: E731
-    try:
-        wait_for(lambda: checkpoints(), 240, interval=0.5, what="the first checkpoint")
+    try:  # two checkpoints, so that resuming from the newest differs from resuming from an older one
+        wait_for(lambda: len(checkpoints()) >= 2, 240, interval=0.5, what="two checkpoints")
     finally:
         server.send_signal(signal.SIGKILL)  # the server dies; its training process lives on, unwatched
         server.wait()
@@ -81,13 +81,17 @@ def test_a_job_survives_a_killed_server_and_resumes_from_its_checkpoint(tmp_path
         messages = [e["message"] for e in runner.events(job_id) if e["source"] == "runner"]
         assert any("Interrupted" in m for m in messages), messages
         wait_for(lambda: not _alive(trainer_pid), 10, what="the orphaned training process to end")
-        step_before = max(c["step"] for c in checkpoints())
+        # The complete checkpoints on disk (trainer_state.json is written last): the newest is the one to resume.
+        saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "adapters" / f"{job.output_name}.checkpoints")
+                       .glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+        assert len(saved) >= 2, saved
+        newest = saved[-1]
         runner.resume(job_id)
         job = wait_for(lambda: (j := runner.get(job_id)).status in ("succeeded", "failed") and j, 300, interval=0.5,
                        what="the resumed job to finish")
         assert job.status == "succeeded", (job.error, runner.log_tail(job_id))
         phases = [e["message"] for e in runner.events(job_id) if e.get("event") == "phase" and e["phase"] == "training"]
-        assert any(f"resumed from checkpoint-{step_before}" in p or "resumed from checkpoint-" in p for p in phases), phases
+        assert any(p.endswith(f", resumed from checkpoint-{newest}") for p in phases), (saved, phases)
         metrics = [e for e in runner.events(job_id) if e.get("event") == "metrics"]
         assert metrics[-1]["step"] == 12 and all("tokens_per_s" in m and "eta_s" in m for m in metrics)
         # Published where the app looks, under the job's name: listed without a restart.

@@ -6,6 +6,7 @@ import httpx
 import pytest
 from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI
 
+from tests.adapter_replies import adapter_reply
 from tests.conftest import free_port, generations_running, wait_for
 
 pytestmark = pytest.mark.slow
@@ -34,10 +35,13 @@ def test_streamed_reply_arrives_in_several_chunks(client):
     assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
 
 
-def test_non_streamed_reply_matches_the_schema(client):
+def test_non_streamed_reply_matches_the_schema(client, app_server, lora_adapter):
     reply = client.chat.completions.create(
         model="pirate", messages=HELLO, max_tokens=12, temperature=0, seed=1
     )
+    own = adapter_reply(lora_adapter, HELLO, precision=app_server.registry.precision,
+                        max_new_tokens=12, temperature=0, seed=1)
+    assert reply.choices[0].message.content == own, "the adapter's own reply"
     assert reply.object == "chat.completion" and reply.model == "pirate" and reply.id.startswith("chatcmpl-")
     choice = reply.choices[0]
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
@@ -154,8 +158,8 @@ def test_malformed_fields_get_400_from_the_served_app(app_server):
             assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
 
 
-def test_the_ui_streams_through_a_remote_openai_backend(app_server):
-    """`python -m ui --backend-url`: a second app fronting this project's own API."""
+def test_the_ui_streams_through_a_remote_openai_backend(app_server, lora_adapter):
+    """`python -m ui --backend-url`: a second app fronting this project's own API; the adapter replies."""
     from gradio_client import Client
 
     from serve.remote import RemoteRegistry
@@ -169,9 +173,12 @@ def test_the_ui_streams_through_a_remote_openai_backend(app_server):
     )
     try:
         job = Client(url, verbose=False).submit(
-            "Name three colours.", api_name="/chat", max_new_tokens=24, adapter="base model"
+            "Name three colours.", api_name="/chat", max_new_tokens=24, temperature=0, adapter="pirate"
         )
         chunks = list(job)
         assert len(chunks) >= 3 and chunks[-1].startswith(chunks[1]) and len(chunks[-1]) > len(chunks[0])
+        own = adapter_reply(lora_adapter, HELLO, precision=app_server.registry.precision,
+                            max_new_tokens=24, temperature=0)
+        assert chunks[-1] == own, "the adapter's own reply, through both servers"
     finally:
         front.close()
