@@ -8,6 +8,7 @@ ASSISTANT_AUTH        user:password to require a login (default: open)
 ASSISTANT_API_KEY     bearer key for the /chat and /v1 APIs (default: none, and then a Space, bound to
                       0.0.0.0, answers them to nobody: the browser UI is unaffected)
 ASSISTANT_ADAPTERS_DIR  folder of more adapters for the menu (default: adapters)
+ASSISTANT_RETAIN_DAYS delete stored completions and feedback older than this many days (default: keep)
 Binds 0.0.0.0:7860 on a Space ($SPACE_ID) or where $GRADIO_SERVER_NAME / $GRADIO_SERVER_PORT say.
 """
 
@@ -55,6 +56,7 @@ def config_from_env() -> ChatConfig:
         jobs_dir=os.environ.get("ASSISTANT_JOBS_DIR", "jobs"),
         # Stored completions: $ASSISTANT_DATABASE_URL (read by ServerConfig.database), and who sees them all.
         admins=os.environ.get("ASSISTANT_ADMINS", ""),
+        retain_days=float(os.environ["ASSISTANT_RETAIN_DAYS"]) if os.environ.get("ASSISTANT_RETAIN_DAYS") else None,
         # Training on a Space needs a login or a key (its app is bound to 0.0.0.0); this turns it off.
         no_training=os.environ.get("ASSISTANT_NO_TRAINING", "") not in ("", "0"),
     )

@@ -115,6 +115,11 @@ def test_compare_mode_stores_both_sides_and_which_was_better(store, registry):
     assert [p.id for p in found] == [again.id] != [first.id]
     assert (again.left.model, again.right.model, again.better) == ("support", "base", "right")
     assert len(store.list_completions(ANN).items) == 2  # each side stored once
+    assert counts(store, ANN)["preferences"]["new"] == 1
+    with pytest.raises(RecordGone):
+        delete(store, BOB, again.id)
+    delete(store, ANN, again.id)  # with both conversations the app kept for it
+    assert find_preferences(store, ADMIN, Filters()) == [] and store.count()["completions"] == 0
 
 
 def test_a_user_sees_and_deletes_only_their_own_and_only_admins_review(store, registry):

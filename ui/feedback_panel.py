@@ -20,7 +20,7 @@ from collections.abc import Callable
 import gradio as gr
 
 from serve.access import LOCAL, AccessPolicy, Caller, request_caller
-from serve.feedback import RecordGone, Turn, correct, prefer, rate
+from serve.feedback import RecordGone, Turn, correct, digest, prefer, rate
 from serve.store import Store, StoreError
 from ui.access import admit
 from ui.history import index_of, plain
@@ -33,8 +33,8 @@ BETTER = [("Assistant (left) was better", "left"), ("Base model (right) was bett
 NO_TURN = ("This reply was written before the page was (re)loaded, so what produced it is not known and it "
            "cannot be rated; send the message again (Retry) to rate the new reply.")
 NO_REPLY = "There is no reply to correct yet: send a message first."
-MAX_SESSIONS = 500  # browser sessions whose Turns are kept (the oldest go first)
-MAX_TURNS = 400  # Turns kept per session (the oldest go first)
+MAX_SESSIONS = 200  # browser sessions whose Turns are kept (the oldest go first; a closed page's go at once)
+MAX_TURNS = 100  # Turns kept per session, both sides together (the oldest go first)
 
 
 class TurnLog:
@@ -178,7 +178,7 @@ class FeedbackPanel:
         if not 0 <= index < len(history) or history[index]["role"] != "assistant":
             raise gr.Error("Only the assistant's replies can be rated or corrected.")
         turn = self.turns.get(getattr(request, "session_hash", None), side, index)
-        if turn is None or turn.context != history[:index]:
+        if turn is None or turn.context != digest(history[:index]):
             raise gr.Error(NO_TURN)
         return turn, history[index]["content"]
 

@@ -16,6 +16,7 @@ from serve.feedback.capture import (
     RecordGone,
     Turn,
     correct,
+    digest,
     keep,
     prefer,
     rate,
@@ -56,7 +57,7 @@ from serve.feedback.review import (
 __all__ = [
     "ADMIN_ONLY", "ANY", "CORRECTED_FILTERS", "EXPORT_STATUSES", "KINDS", "NOTHING_TO_SAVE", "RATING_FILTERS",
     "STATUS_FILTERS", "Exported", "Filters", "NotAllowed", "NothingToExport", "RecordGone", "Retention", "Turn",
-    "check_days", "conversation_text", "correct", "correction_of", "counts", "counts_text", "delete",
+    "check_days", "conversation_text", "correct", "digest", "correction_of", "counts", "counts_text", "delete",
     "edit_correction", "export", "find_feedback", "find_preferences", "get_record", "keep", "prefer",
     "preference_rows", "rate", "record_kind", "set_status", "sft_rows", "turn_of", "version_of",
 ]

@@ -9,6 +9,8 @@ or corrects it: a Turn nobody rates costs no database write.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,7 +42,7 @@ class Turn:
     messages: list[dict]  # as the model saw them: the system prompt used included
     settings: dict  # the generation settings (GenerationParams' fields, and "stop")
     adapter_version: str | None  # AdapterFolder.version (None: the base model, or a remote server's)
-    context: list[dict]  # the conversation before the reply, as the screen holds it (to match a rating to it)
+    context: str  # digest of the conversation before the reply as the screen holds it (matches a rating to it)
     created: int = field(default_factory=lambda: int(time.time()))
     completion_id: str | None = None  # once stored
     feedback_id: str | None = None  # the caller's feedback on it, once given
@@ -60,8 +62,14 @@ def turn_of(registry: ModelRegistry | RemoteRegistry, choice: str, sent: list[di
         messages=[dict(m) for m in messages_for(sent, registry.trained_prompt(prompt_of))],
         settings={**asdict(params), "stop": []},
         adapter_version=version_of(registry, choice if adapter_on else BASE_CHOICE),
-        context=[dict(m) for m in (context if context is not None else [m for m in sent if m["role"] != "system"])],
+        context=digest(context if context is not None else [m for m in sent if m["role"] != "system"]),
     )
+
+
+def digest(conversation: list[dict]) -> str:
+    """A short fingerprint of a conversation's roles and texts (a Turn keeps it, not a second copy)."""
+    plain = [[str(m.get("role")), str(m.get("content") or "")] for m in conversation]
+    return hashlib.sha256(json.dumps(plain, ensure_ascii=False).encode()).hexdigest()[:32]
 
 
 def version_of(registry: ModelRegistry | RemoteRegistry, choice: str) -> str | None:
