@@ -239,7 +239,8 @@ def ensure_llamacpp(config: DecodeSpeedConfig) -> tuple[str | None, str | None]:
 
     found = find_python()
     if found or not config.build_llamacpp:
-        return found, None if found else f"{venv_dir()} has no llama_cpp and building was not requested"
+        why = f"{venv_dir()} has no llama_cpp built this way; build it: python -m train.export.llamacpp --build"
+        return found, None if found else why
     log(f"building llama-cpp-python into {venv_dir()} (compiles from source, minutes)")
     try:
         return ensure_python(config.build_timeout), None

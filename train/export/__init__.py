@@ -241,7 +241,7 @@ def _verifier(config: ExportConfig) -> str | None:
     if config.skip_verify:
         return None
     if config.verify:
-        _phase(config, "llama.cpp", "finding llama.cpp's Python binding (building it takes 5-15 min on 2 cores)", 0.1)
+        _phase(config, "llama.cpp", "finding llama.cpp's Python binding (building it takes 10-30 min on 2 cores)", 0.1)
         return ensure_python()
     found = find_python()
     if not found:

@@ -11,7 +11,7 @@ AMX segfaulted on batched evaluation (its AMX matrix kernels). ggml's runtime di
 neither installs nor loads, so one baseline it is. `build.json` in the venv records the flags and the
 llama.cpp commit; a venv built any other way (an older native build) is rebuilt.
 
-    python -m train.export.llamacpp --build     # build it now (5-15 min on 2 cores); .ci/run does
+    python -m train.export.llamacpp --build     # build it now (10-30 min on 2 cores); .ci/run does
     python -m train.export.llamacpp             # where it is and how it was built
 """
 
@@ -111,7 +111,7 @@ def build(build_timeout: float = 3600) -> str:
                     wanted_stamp())
         shutil.rmtree(venv)
     args = cmake_args()
-    logger.info("building llama-cpp-python==%s into %s (llama.cpp %s, %s: 5-15 min on 2 cores)",
+    logger.info("building llama-cpp-python==%s into %s (llama.cpp %s, %s: 10-30 min on 2 cores)",
                 LLAMACPP_VERSION, venv, LLAMACPP_COMMIT, " ".join(args))
     started = time.monotonic()
     try:
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.export.llamacpp",
                                      description="llama.cpp's Python binding for train.export --verify and bench.")
     parser.add_argument("--build", action="store_true",
-                        help="Build it when it is missing or was built another way (5-15 min on 2 cores).")
+                        help="Build it when it is missing or was built another way (10-30 min on 2 cores).")
     parser.add_argument("--force", action="store_true", help="With --build: rebuild even when it is here.")
     parser.add_argument("--timeout", type=float, default=3600, help="Seconds the build may take.")
     args = parser.parse_args(argv)
