@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.adapter_replies import replies
 from tests.conftest import DATA, free_port, wait_for
 
 # A real train.sft run, kept short: 6 steps with a loss logged at each, one short probe reply.
@@ -118,6 +119,8 @@ def test_a_malformed_file_shows_the_doctors_errors_and_nothing_starts(train_app)
 @pytest.mark.browser
 @pytest.mark.slow
 def test_train_watch_the_loss_plot_grow_finish_and_chat_with_the_adapter(train_app):
+    from ui.app import STORAGE_KEY
+
     page = train_app.open()
     upload_trainable(page)
     shown = report(page)
@@ -155,12 +158,24 @@ def test_train_watch_the_loss_plot_grow_finish_and_chat_with_the_adapter(train_a
     assert page.locator("#compare input").is_checked()
     assert page.locator("#chatbot-base").is_visible()
     wait_for(lambda: adapter in page.inner_text("#status"), 60, what="the adapter to load")
-    page.fill("#message textarea", "Can I book a table for two?")
+    # The replies the page must show: the adapter's own (loaded here from the folder the job published) and,
+    # beside it, the base model's, which differs from it.
+    message = "I would like to check my bank balance."  # the base model greets; the adapter asks, as trained
+    expected = replies(train_app.runner.adapters_dir / adapter, [{"role": "user", "content": message}],
+                       precision=train_app.demo.registry.precision, max_new_tokens=12, temperature=0)
+    before = page.evaluate(f"localStorage.getItem({STORAGE_KEY!r})")
+    page.fill("#message textarea", message)
     page.click("#send")
-    wait_for(lambda: page.locator("#chatbot [data-testid='bot']").count() == 1
-             and page.locator("#chatbot-base [data-testid='bot']").count() == 1, 90, what="both replies")
-    reply = page.locator("#chatbot [data-testid='bot']")
-    wait_for(lambda: reply.inner_text().strip(), 30, what="the reply text")
+    wait_for(lambda: page.evaluate(f"localStorage.getItem({STORAGE_KEY!r})") != before, 90,
+             what="both replies, saved once the turn is over")
+    shown = [[words(text) for text in page.locator(f"{column} [data-testid='bot']").all_inner_texts()]
+             for column in ("#chatbot", "#chatbot-base")]
+    assert shown == [[words(expected.adapter)], [words(expected.base_weights)]], (shown, expected)
+
+
+def words(text: str) -> str:
+    """Text as a page shows it, whitespace aside (rendered Markdown reflows it)."""
+    return " ".join(text.split())
 
 
 @pytest.mark.browser
