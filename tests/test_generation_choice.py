@@ -195,10 +195,14 @@ def test_a_merged_folder_serves_with_the_adapters_generation_settings_and_prompt
 
 
 def test_an_ollama_modelfile_samples_as_the_adapter_is_served(tmp_path):
+    from assistant.loading import generation_defaults_of
     from train.export import sampling_parameters
+
+    def modelfile_sampling(folder) -> dict:
+        return sampling_parameters(generation_defaults_of("embedded", folder))
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "embedded"}))
     write_generation(tmp_path, {"do_sample": False, "repetition_penalty": 1.05})
-    assert sampling_parameters(tmp_path)["temperature"] == 0.0 and sampling_parameters(tmp_path)["repeat_penalty"] == 1.05
+    assert modelfile_sampling(tmp_path)["temperature"] == 0.0 and modelfile_sampling(tmp_path)["repeat_penalty"] == 1.05
     write_generation(tmp_path, {"do_sample": True, "temperature": 0.5, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.0})
-    assert sampling_parameters(tmp_path) == {"temperature": 0.5, "top_p": 0.8, "top_k": 20, "repeat_penalty": 1.0}
+    assert modelfile_sampling(tmp_path) == {"temperature": 0.5, "top_p": 0.8, "top_k": 20, "repeat_penalty": 1.0}
