@@ -51,6 +51,8 @@ NEEDS_NO_CUDA = needs("CPU-only checks (GPU options refused clearly without CUDA
                       "CUDA_VISIBLE_DEVICES= .venv/bin/python -m pytest -q tests/test_train.py")
 NEEDS_DATASETS = needs("Hugging Face dataset folders: the datasets package is not installed",
                        ".venv/bin/pip install -r requirements.txt")
+NEEDS_POSTGRES = needs("Store tests on PostgreSQL (SQLite runs them anyway): no PostgreSQL server binaries at "
+                       "/usr/lib/postgresql/*/bin/initdb", "apt-get install -y postgresql")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--headless",

@@ -21,10 +21,9 @@ from sqlalchemy import create_engine, inspect, text
 from serve.access import Caller
 from serve.store import BadCursor, Store, StoreError
 from serve.store.tables import Base
-from tests.conftest import ROOT, free_port
+from tests.conftest import NEEDS_POSTGRES, ROOT, free_port
 
 ANN, BOB, ADMIN = Caller("ann"), Caller("bob"), Caller("root", admin=True)
-INSTALL_POSTGRES = "apt-get install -y postgresql"
 ASKED = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
 WRITERS, EACH = 8, 12
 
@@ -40,7 +39,7 @@ def postgres() -> str:
     its `postgres` database; stopped and removed after the module."""
     initdb = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not initdb:
-        pytest.skip(f"needs PostgreSQL's server (/usr/lib/postgresql/*/bin/initdb): {INSTALL_POSTGRES}")
+        pytest.skip(NEEDS_POSTGRES)
     bin_dir = Path(initdb[-1]).parent
     root = Path(tempfile.mkdtemp(prefix="store-pg-"))
     if os.geteuid() == 0:
