@@ -6,6 +6,7 @@ A fake registry serves the real embedded tokenizer and `stream_reply` is replace
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import threading
 import time
@@ -65,6 +66,13 @@ def app(tokenizer) -> FastAPI:
     api = FastAPI()
     api.include_router(OpenAIServer(FakeRegistry(tokenizer), max_body_bytes=LIMIT).router)
     return api
+
+
+def own_loop(coroutine) -> None:
+    """Run `coroutine` on an event loop of its own thread: a browser test earlier in the session leaves
+    Playwright's loop running on the main thread, where asyncio.run refuses to start."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, coroutine).result()
 
 
 def test_unset_parameters_come_from_the_models_generation_config(tokenizer, calls):
@@ -214,7 +222,7 @@ def _asgi_post(app: FastAPI, chunks: list[bytes], headers: list[tuple[bytes, byt
              "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
              "root_path": "", "headers": [(b"host", b"testserver"), *headers], "client": LOCAL,
              "server": ("testserver", 80)}
-    asyncio.run(app(scope, receive, send))
+    own_loop(app(scope, receive, send))
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return status, json.loads(body)
@@ -309,7 +317,7 @@ def test_a_non_streaming_request_is_cancelled_when_its_client_disconnects(app, e
              "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
              "root_path": "", "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")],
              "client": LOCAL, "server": ("testserver", 80)}
-    asyncio.run(app(scope, receive, send))
+    own_loop(app(scope, receive, send))
     assert endless["stopped_at"] is not None, "the reply ran to its end: nothing cancelled it"
     assert endless["stopped_at"] - gone["at"] < 1.0
 
