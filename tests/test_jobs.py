@@ -65,7 +65,7 @@ def test_a_job_survives_a_killed_server_and_resumes_from_its_checkpoint(tmp_path
     folder = tmp_path / "jobs" / job_id
     checkpoints = lambda: [e for e in read_lines(folder / "train_events.jsonl") if e["event"] == "checkpoint"]  # noqa: E731
     try:  # two checkpoints, so that resuming from the newest differs from resuming from an older one
-        wait_for(lambda: len(checkpoints()) >= 2, 240, interval=0.5, what="two checkpoints")
+        wait_for(lambda: len(checkpoints()) >= 2, 600, interval=0.5, what="two checkpoints")
     finally:
         server.send_signal(signal.SIGKILL)  # the server dies; its training process lives on, unwatched
         server.wait()
@@ -87,7 +87,7 @@ def test_a_job_survives_a_killed_server_and_resumes_from_its_checkpoint(tmp_path
         assert len(saved) >= 2, saved
         newest = saved[-1]
         runner.resume(job_id)
-        job = wait_for(lambda: (j := runner.get(job_id)).status in ("succeeded", "failed") and j, 300, interval=0.5,
+        job = wait_for(lambda: (j := runner.get(job_id)).status in ("succeeded", "failed") and j, 600, interval=0.5,
                        what="the resumed job to finish")
         assert job.status == "succeeded", (job.error, runner.log_tail(job_id))
         phases = [e["message"] for e in runner.events(job_id) if e.get("event") == "phase" and e["phase"] == "training"]
