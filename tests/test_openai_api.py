@@ -173,12 +173,12 @@ def test_the_ui_streams_through_a_remote_openai_backend(app_server, lora_adapter
     )
     try:
         job = Client(url, verbose=False).submit(
-            "Name three colours.", api_name="/chat", max_new_tokens=24, temperature=0, adapter="pirate"
+            "Name three colours.", api_name="/chat", max_new_tokens=10, temperature=0, adapter="pirate"
         )
         chunks = list(job)
         assert len(chunks) >= 3 and chunks[-1].startswith(chunks[1]) and len(chunks[-1]) > len(chunks[0])
         own = adapter_reply(lora_adapter, HELLO, precision=app_server.registry.precision,
-                            max_new_tokens=24, temperature=0)
+                            max_new_tokens=10, temperature=0)
         assert chunks[-1] == own, "the adapter's own reply, through both servers"
     finally:
         front.close()
