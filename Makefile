@@ -25,7 +25,7 @@ train: setup
 test: setup
 	$(PY) -m ruff check .
 	.venv/bin/lint-imports --no-cache
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: setup
 	$(PY) -m ruff check .
