@@ -36,5 +36,6 @@ bench: setup
 	$(PY) -m bench.decode_speed
 	$(PY) -m bench.concurrency
 	$(PY) -m bench.concurrency --adapters 8
+	$(PY) -m bench.concurrency --store
 	$(PY) -m bench.first_token
 	$(PY) -m bench.quality

@@ -8,6 +8,18 @@ deadline; a request past it is cancelled and counted as a failure.
 default shape, random weights) in the app's adapters folder; the server's resident memory with 1
 and with all N attached, and the aggregate tokens/s of 8 chats spread over 4 adapters against 8
 chats on one adapter, through the OpenAI API.
+
+`--store` measures what keeping completions costs: 8 simultaneous streamed chats through the OpenAI
+API (greedy, the same messages) with `store: true` (and `metadata={"bench": "store"}`) against the
+same 8 without it. The arms alternate over `--store_rounds` rounds each, the order flipping every
+round (no store, store; store, no store; ...), so drift in machine load hits both alike. Each arm
+reports the MEDIAN of its rounds' aggregate tokens/s, not the best: on a shared machine the best
+round is whichever happened to land in a quiet moment, a matter of chance that favours one arm or
+the other, while the median is what a user typically gets (the best is recorded as well). TTFT
+percentiles pool every chat of the arm's rounds. The app gets a fresh SQLite store in its temp
+folder; afterwards the stored completions are listed through the SDK and must number exactly the
+store arm's completed chats (plus the warm-up's), or the bench fails: the no-store arm stored
+nothing. The issue's target: the store arm within 5% of the other (`store_target_met`).
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from bench.common import (
     ROOT,
     bar_chart,
     cpu_name,
+    fmt,
     free_port,
     log,
     machine_load,
@@ -52,6 +65,9 @@ MESSAGES = [
     "Describe your ideal weekend.",
     "What is interesting about the moon?",
 ]
+STORE_CHATS = 8  # simultaneous chats of --store's rounds (the issue's "8 concurrent chats")
+STORE_METADATA = {"bench": "store"}  # the store arm's metadata, listed back to count what was kept
+STORE_TARGET = 0.95  # the store arm's tokens/s must be within 5% of the no-store arm's
 
 
 @dataclass
@@ -78,7 +94,18 @@ class ConcurrencyConfig:
         metadata={"help": "Measure N LoRA adapters on one base (memory with 1 and N attached, 8 chats over "
                           "4 adapters vs 1) instead of the chat levels; 0: the chat levels."},
     )
-    quick: bool = field(default=False, metadata={"help": "CI smoke run: 8 new tokens per request."})
+    store: bool = field(
+        default=False,
+        metadata={"help": "Measure storing completions instead of the chat levels: 8 streamed API chats with "
+                          "`store: true` against 8 without, alternating over --store_rounds rounds each; "
+                          "results in concurrency_store.json."},
+    )
+    store_rounds: int = field(
+        default=5, metadata={"help": "Rounds of each arm with --store (the median round counts)."}
+    )
+    quick: bool = field(
+        default=False, metadata={"help": "CI smoke run: 8 new tokens per request; 2 rounds per arm with --store."}
+    )
     output: str = field(
         default=str(RESULTS / f"{NAME}.json"), metadata={"help": "Where to write the JSON results."}
     )
@@ -87,10 +114,15 @@ class ConcurrencyConfig:
         """Shrink everything for --quick."""
         if self.quick:
             self.max_new_tokens = 8
+            self.store_rounds = min(self.store_rounds, 2)
 
 
 class AppServer:
-    """`python -m ui` in its own process group, on 127.0.0.1, with no adapters listed (the base model serves)."""
+    """`python -m ui` in its own process group, on 127.0.0.1, with no adapters listed (the base model serves).
+
+    Its jobs folder, and with it the SQLite store of `store: true` completions, is in its temp folder: the
+    bench writes nothing into the repository (or into a database $ASSISTANT_DATABASE_URL names).
+    """
 
     def __init__(self, startup_timeout: float, precision: str = "auto", adapters: int = 0):
         self.port, self.precision, self.adapters = free_port(), precision, adapters
@@ -103,10 +135,11 @@ class AppServer:
     def __enter__(self) -> AppServer:
         adapters = Path(self.folder.name) / "adapters"
         adapters.mkdir()
+        jobs = Path(self.folder.name) / "jobs"
         if self.adapters:
             write_adapters(adapters, self.adapters)
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k != "ASSISTANT_DATABASE_URL"},
             "GRADIO_ANALYTICS_ENABLED": "False",
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
@@ -123,6 +156,8 @@ class AppServer:
                     str(self.port),
                     "--adapters-dir",
                     str(adapters),
+                    "--jobs-dir",
+                    str(jobs),
                     "--precision",
                     self.precision,
                 ],
@@ -208,6 +243,7 @@ class Outcome:
     reply: str = ""
     error: str | None = None
     model: str = "base"  # the model id an API chat asks for
+    store_metadata: dict[str, str] | None = None  # an API chat with this: `store: true` with this metadata
 
 
 def one_chat(client, message: str, config: ConcurrencyConfig, t0: float, outcome: Outcome) -> None:
@@ -231,7 +267,12 @@ def one_chat(client, message: str, config: ConcurrencyConfig, t0: float, outcome
 
 
 def one_api_chat(client, message: str, config: ConcurrencyConfig, t0: float, outcome: Outcome) -> None:
-    """The same chat through the OpenAI-compatible API (streamed, `openai` SDK); `outcome.model` picks the model."""
+    """The same chat through the OpenAI-compatible API (streamed, `openai` SDK); `outcome.model` picks the model.
+
+    With `outcome.store_metadata` the completion is stored (`store: true`) with that metadata; the stream
+    ends only once it is kept, so its time counts.
+    """
+    stored = {} if outcome.store_metadata is None else {"store": True, "metadata": outcome.store_metadata}
     stream = client.chat.completions.create(
         model=outcome.model,
         messages=[{"role": "user", "content": message}],
@@ -239,6 +280,7 @@ def one_api_chat(client, message: str, config: ConcurrencyConfig, t0: float, out
         max_tokens=config.max_new_tokens,
         temperature=0.0,
         timeout=config.request_timeout,
+        **stored,
     )
     for chunk in stream:
         piece = chunk.choices[0].delta.content if chunk.choices else None
@@ -272,14 +314,22 @@ def _clients(url: str, n: int, api: bool) -> list:
 
 
 def run_level(
-    url: str, n: int, config: ConcurrencyConfig, count_tokens, api: bool = False, models: list[str] | None = None
+    url: str,
+    n: int,
+    config: ConcurrencyConfig,
+    count_tokens,
+    api: bool = False,
+    models: list[str] | None = None,
+    store_metadata: dict[str, str] | None = None,
 ) -> dict:
     """N simultaneous chats; aggregate tokens/s over the round's wall time and TTFT percentiles.
 
     `models`: the API model ids the chats ask for, in turn (default: the base model).
+    `store_metadata`: API chats are stored (`store: true`) with this metadata (default: not stored).
     """
     clients = _clients(url, n, api)
-    outcomes = [Outcome(MESSAGES[i % len(MESSAGES)], model=(models or ["base"])[i % len(models or ["base"])])
+    outcomes = [Outcome(MESSAGES[i % len(MESSAGES)], model=(models or ["base"])[i % len(models or ["base"])],
+                        store_metadata=store_metadata)
                 for i in range(n)]
     start: list[float] = [0.0]
     barrier = threading.Barrier(n + 1)
@@ -401,12 +451,146 @@ def measure_adapters(server: AppServer, config: ConcurrencyConfig) -> dict:
     }
 
 
+def stored_completions(url: str, metadata: dict[str, str] | None = None) -> list:
+    """Every stored completion the app lists (through the SDK, every page), or those with this metadata."""
+    (client,) = _clients(url, 1, api=True)
+    try:
+        return list(client.chat.completions.list(limit=100, **({"metadata": metadata} if metadata else {})))
+    finally:
+        client.close()
+
+
+def _arm_summary(runs: list[dict]) -> dict:
+    """One arm's rounds: median and best tokens/s, TTFT percentiles over all its chats, failures."""
+    rates = [r["tok_s"] for r in runs if r["tok_s"]]
+    ttfts = [c["ttft_s"] for r in runs for c in r["replies"] if c["end_s"] is not None and c["ttft_s"] is not None]
+    return {
+        "tok_s": round(median(rates), 2) if rates else None,
+        "best_tok_s": max(rates) if rates else None,
+        "p50_ttft_s": round(median(ttfts), 3) if ttfts else None,
+        "p95_ttft_s": round(percentile(ttfts, 95), 3) if ttfts else None,
+        "failures": sum(r["failures"] for r in runs),
+        "ok_chats": sum(r["chats"] - r["failures"] for r in runs),
+    }
+
+
+def measure_store(url: str, config: ConcurrencyConfig) -> dict:
+    """8 streamed API chats with and without `store: true`, alternating; then count what was stored."""
+    from assistant.models import load_tokenizer
+
+    tokenizer = load_tokenizer("embedded")
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+    warm_metadata = {"bench": "warm-up"}  # warms the batch of 8 and the store's write path, listed apart
+    warm = run_level(url, STORE_CHATS, config, count_tokens, api=True, store_metadata=warm_metadata)
+    log(f"warm-up: {warm['tokens']} tokens, errors {warm['errors']}")
+    rounds: dict[str, list[dict]] = {"no store": [], "store": []}
+    for i in range(config.store_rounds):
+        for arm in ("no store", "store") if i % 2 == 0 else ("store", "no store"):
+            result = run_level(url, STORE_CHATS, config, count_tokens, api=True,
+                               store_metadata=STORE_METADATA if arm == "store" else None)
+            rounds[arm].append({"round": i + 1, **result})
+            log(f"round {i + 1}, {arm}: {result['tok_s']} tok/s, p95 TTFT {result['p95_ttft_s']} s, "
+                f"errors {result['errors']}")
+    plain, kept = _arm_summary(rounds["no store"]), _arm_summary(rounds["store"])
+    # The store arm really stored, every completed chat of it; the no-store arm nothing.
+    tagged = stored_completions(url, STORE_METADATA)
+    everything = stored_completions(url)
+    warm_ok = warm["chats"] - warm["failures"]
+    if len(tagged) != kept["ok_chats"]:
+        raise RuntimeError(f"the store arm completed {kept['ok_chats']} chats with store: true but the app lists "
+                           f"{len(tagged)} stored completions with metadata {STORE_METADATA}")
+    if len(everything) != kept["ok_chats"] + warm_ok:
+        raise RuntimeError(f"the app lists {len(everything)} stored completions in all, expected "
+                           f"{kept['ok_chats']} (store arm) + {warm_ok} (warm-up): the no-store arm stored some")
+    empty = [c.id for c in tagged if not (c.choices and c.choices[0].message.content)]
+    if empty:
+        raise RuntimeError(f"stored completions without a reply: {empty}")
+    log(f"stored: {len(tagged)} completions with {STORE_METADATA}, {len(everything)} in all (warm-up: {warm_ok})")
+    return {"no store": plain, "store": kept, "stored_completions": len(tagged),
+            "stored_completions_all": len(everything), "rounds": rounds}
+
+
+def render_store(result: dict) -> str:
+    """The readable tables of --store: every round, then each arm's summary."""
+    per_round = [
+        [r["round"], arm, r["tokens"], r["wall_s"], r["tok_s"], r["p95_ttft_s"], r["failures"]]
+        for arm, runs in result["rounds"].items()
+        for r in runs
+    ]
+    per_round.sort(key=lambda row: row[0])
+    arms = [
+        [arm, len(result["rounds"][arm]), s["tok_s"], s["best_tok_s"], s["p50_ttft_s"], s["p95_ttft_s"], s["failures"]]
+        for arm, s in ((arm, result[arm]) for arm in ("no store", "store"))
+    ]
+    return "\n\n".join([
+        table(["round", "arm", "tokens", "wall s", "tok/s", "p95 TTFT s", "failures"], per_round),
+        table(["arm", "rounds", "median tok/s", "best tok/s", "p50 TTFT s", "p95 TTFT s", "failures"], arms),
+    ])
+
+
+def main_store(config: ConcurrencyConfig, load: float) -> int:
+    """--store: start the app (a fresh store in its temp folder), measure both arms, write and print."""
+    with AppServer(config.startup_timeout, config.precision) as server:
+        log(f"app serving at {server.url}; {STORE_CHATS} chats with and without store, "
+            f"{config.store_rounds} rounds each")
+        result = measure_store(server.url, config)
+    plain, kept = result["no store"], result["store"]
+    store_ratio = ratio(kept["tok_s"], plain["tok_s"])
+    final = {
+        "tok_s_no_store": plain["tok_s"],
+        "tok_s_store": kept["tok_s"],
+        "ratio_store_vs_no_store": store_ratio,
+        "store_target_met": store_ratio is not None and store_ratio >= STORE_TARGET,
+        "p95_ttft_s_no_store": plain["p95_ttft_s"],
+        "p95_ttft_s_store": kept["p95_ttft_s"],
+        "p50_ttft_s_no_store": plain["p50_ttft_s"],
+        "p50_ttft_s_store": kept["p50_ttft_s"],
+        "best_tok_s_no_store": plain["best_tok_s"],
+        "best_tok_s_store": kept["best_tok_s"],
+        "failures": plain["failures"] + kept["failures"],
+        "stored_completions": result["stored_completions"],
+        "chats": STORE_CHATS,
+        "rounds_per_arm": config.store_rounds,
+        "statistic": "median over rounds",
+        "max_new_tokens": config.max_new_tokens,
+        "precision": config.precision,
+        "quick": config.quick,
+        "load_avg_1m_start": load,
+        "cpu": cpu_name(),
+    }
+    output = Path(config.output)
+    if output == RESULTS / f"{NAME}.json":  # the default: keep the chat levels' results
+        output = output.with_name(f"{NAME}_store.json")
+    write_results(
+        output.stem,
+        {"final": final, "config": vars(config), "arms": {"no store": plain, "store": kept},
+         "rounds": result["rounds"]},
+        output.parent,
+    )
+    print(f"{STORE_CHATS} simultaneous streamed chats through the OpenAI API, with and without store: true:")
+    print(render_store(result))
+    print(f"store / no store: {fmt(store_ratio, 3)} (target >= {STORE_TARGET}: "
+          f"{'met' if final['store_target_met'] else 'NOT met'})")
+    print_final(final)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start the app, measure every level, stop the app, print the table and the FINAL JSON line."""
     logging.basicConfig(level=logging.WARNING)
     config = parse_config(ConcurrencyConfig, argv)
     config.apply_quick()
+    if config.store and (config.adapters or config.url):
+        sys.exit("error: --store starts its own app with a fresh store (to count what it kept): "
+                 "leave out --adapters and --url")
+    if config.store_rounds < 1:
+        sys.exit("error: --store_rounds must be at least 1")
     load = machine_load()
+    if config.store:
+        return main_store(config, load)
     if config.adapters:
         with AppServer(config.startup_timeout, config.precision, config.adapters) as server:
             log(f"app serving {config.adapters} adapters at {server.url}")
