@@ -8,10 +8,12 @@ The shapes are OpenAI's, so the `openai` SDK drives it unchanged:
     job = client.fine_tuning.jobs.create(model="base", training_file=file.id,
                                          extra_body={"adapter": {"type": "lora", "max_steps": 60}})
 
-`model` is "base" (the app's base model) or a base model name as train.sft's --base-model takes it.
+`model` is "base" (the app's base model), a base model name as train.sft's --base-model takes it, or one of the
+app's adapters (a fine_tuned_model): the job goes on training that adapter (train.sft --from-adapter) into a new one.
 Our own options go in an `adapter` object (OpenAI has no field for them):
 `type` "lora" | "prefix", `time_budget_minutes` (0: none), `max_steps` (0: none), `system_prompt` (for rows
-without one; text only). `hyperparameters` (or `method.supervised.hyperparameters`): `n_epochs`, `batch_size`,
+without one; text only), `redact` (true: e-mail addresses, phone, card and IBAN numbers and IP addresses become
+[EMAIL_1]-style placeholders before training, train.sft --redact). `hyperparameters` (or `method.supervised.hyperparameters`): `n_epochs`, `batch_size`,
 `learning_rate_multiplier` (times the method's default learning rate), each a number or "auto".
 Their bounds and defaults are the job contract's (serve.job_spec), which the Train tab checks too.
 
@@ -89,6 +91,7 @@ class AdapterOptions(_Strict):
     time_budget_minutes: Any = None
     max_steps: Any = None
     system_prompt: Any = None
+    redact: Any = None
 
 
 class JobRequest(_Strict):
@@ -116,7 +119,7 @@ class JobRequest(_Strict):
         try:
             return job_spec(params, **hyper.model_dump(), method=adapter.type, suffix=self.suffix, seed=self.seed,
                             time_budget_minutes=adapter.time_budget_minutes, max_steps=adapter.max_steps,
-                            system_prompt=adapter.system_prompt)
+                            system_prompt=adapter.system_prompt, redact=adapter.redact)
         except JobSpecError as error:
             raise APIError(400, str(error), param=error.param, code=error.code) from None
 

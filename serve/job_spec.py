@@ -79,6 +79,7 @@ PARAMS: dict[str, str] = {
     "seed": "seed",
     "suffix": "suffix",
     "system_prompt": "adapter.system_prompt",
+    "redact": "adapter.redact",
 }
 
 
@@ -104,6 +105,7 @@ class JobSpec(BaseModel):
     seed: int = RULES["seed"].default
     suffix: str | None = None  # in the adapter's name
     system_prompt: str | None = None  # for rows without one; text only
+    redact: bool = False  # train.sft --redact: personal data becomes typed placeholders before training
 
     @field_validator(*RULES, mode="before")
     @classmethod
@@ -118,6 +120,15 @@ class JobSpec(BaseModel):
         if value not in METHODS:
             raise PydanticCustomError("unsupported", "must be one of {methods}, not {value}",
                                       {"methods": ", ".join(METHODS), "value": repr(value)})
+        return value
+
+    @field_validator("redact", mode="before")
+    @classmethod
+    def _flag(cls, value: object) -> bool:
+        if value is None:
+            return False
+        if not isinstance(value, bool):  # "yes" or 1 is no answer to a privacy question
+            raise PydanticCustomError("bool_type", "must be true or false, not {value}", {"value": repr(value)[:60]})
         return value
 
     @field_validator("suffix", mode="before")

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from assistant.adapters import training_report
+from assistant.adapters import find_adapters, read_folder, training_report
 from assistant.embedded import EMBEDDED
 from serve.doctor import DoctorReport, diagnose
 from serve.files import FileError, FileStore
@@ -65,7 +65,7 @@ class Job:
     id: str
     created_at: int
     training_file: str
-    model: str = "base"  # "base" (the app's base model) or a base model name
+    model: str = "base"  # "base" (the app's base model), a base model name, or an adapter of the app's to go on from
     validation_file: str | None = None
     suffix: str | None = None
     # The JobSpec's settings (None in a job of an older version: train.sft's default).
@@ -77,6 +77,7 @@ class Job:
     time_budget_minutes: float = 0.0  # 0: none
     max_steps: int | None = None  # 0 or None: no cap
     system_prompt: str | None = None
+    redact: bool = False  # train.sft --redact
     status: str = "validating_files"
     error: dict | None = None  # {"code", "message", "param"}
     fine_tuned_model: str | None = None  # the adapter's name in the app once it succeeded
@@ -309,12 +310,16 @@ class JobRunner:
         ]
         if job.validation_file:
             command += ["--valid-file", str(self.files.path(job.validation_file).absolute())]
+        parent = self.adapter_for(job.model)
+        if parent is not None:  # fine-tuning a fine-tuned model: training goes on from its weights
+            command += ["--from-adapter", str(parent.absolute())]
         prompt = self._prompt_file(job)
         options = {"--epochs": job.n_epochs, "--batch-size": job.batch_size, "--max-steps": job.max_steps or None,
                    "--time-budget": job.time_budget_minutes or None,
                    "--learning-rate-multiplier": job.learning_rate_multiplier,
                    "--system-prompt": f"@{prompt}" if prompt else None}
         command += [str(a) for flag, value in options.items() if value is not None for a in (flag, value)]
+        command += ["--redact"] if job.redact else []
         command += ["--resume"] if job.resume else []
         return command + self.extra_args
 
@@ -396,9 +401,19 @@ class JobRunner:
 
     # -- helpers -------------------------------------------------------------------------------------
     def base_for(self, model: str) -> str:
-        """The base model a job's `model` names ("base": the app's --base-model, else the embedded one); a local
-        folder as an absolute path (the processes run from the repository, not from the server's folder)."""
+        """The base model a job's `model` names ("base": the app's --base-model, else the embedded one; an adapter
+        of the app's: the base it was trained on); a local folder as an absolute path (the processes run from the
+        repository, not from the server's folder)."""
+        parent = self.adapter_for(model)
+        if parent is not None:
+            return model_arg(read_folder(parent).base or EMBEDDED)
         return model_arg((self.base_model or EMBEDDED) if model == "base" else model)
+
+    def adapter_for(self, model: str) -> Path | None:
+        """The folder of the adapter a job's `model` names when it is one of the app's adapters (LoRA, DoRA or
+        prefix: a job on it goes on training it, as OpenAI fine-tunes a fine-tuned model); None otherwise."""
+        folder = find_adapters(self.adapters_dir).get(model) if model != "base" else None
+        return folder if folder is not None and read_folder(folder).method is not None else None
 
     def _prompt_file(self, job: Job) -> Path | None:
         """The job's system prompt as a file of its own folder (written when missing); None when it has none."""

@@ -208,7 +208,7 @@ def test_the_train_tab_follows_the_same_rule(tmp_path):
     try:
         tab = TrainTab(runner, FakeRegistry(), AccessPolicy())
         chosen = {"ok": True, "path": str(tmp_path / "x.jsonl"), "name": "x.jsonl"}
-        for action in (lambda r: tab.start(chosen, "lora", 0, None, None, None, 2, "", 42, "", r),
+        for action in (lambda r: tab.start(chosen, "lora", 0, None, None, None, 2, "", 42, "", False, r),
                        lambda r: tab.stop("ftjob-" + "0" * 24, r), lambda r: tab.resume("ftjob-" + "0" * 24, r)):
             with pytest.raises(gr.Error, match="only callers on this machine"):
                 action(chat_request(STRANGER))

@@ -158,15 +158,67 @@ def test_train_on_these_asks_the_doctor_first_then_starts_a_job(app):
     asked, created = [], []
     verdict = {"ok": False}
     app.data.runner = SimpleNamespace(
-        doctor=lambda path: asked.append(Path(path).read_text()) or DoctorReport(verdict["ok"], ("error: no",)),
+        doctor=lambda path, model: asked.append((Path(path).read_text(), model)) or DoctorReport(verdict["ok"],
+                                                                                              ("error: no",)),
         files=SimpleNamespace(save=lambda data, name, purpose: SimpleNamespace(id="file-1", data=data)),
-        create=lambda file_id, spec: created.append((file_id, spec)) or SimpleNamespace(id="ftjob-1",
+        create=lambda file_id, spec, model: created.append((file_id, spec, model)) or SimpleNamespace(id="ftjob-1",
                                                                                       output_name="ft-feedback-1"),
     )
     with pytest.raises(gr.Error, match="dataset doctor rejects"):
-        app.data.train(root)
-    assert created == [] and "[EMAIL_1]" in asked[0] and "help@acme.example" not in asked[0]
+        app.data.train("support", root)
+    assert created == [] and "[EMAIL_1]" in asked[0][0] and "help@acme.example" not in asked[0][0]
+    assert asked[0][1] == "support", "the doctor checks for the model the job trains"
     verdict["ok"] = True
-    text, job_id = app.data.train(root)
+    with pytest.raises(gr.Error, match="not the base model nor an adapter"):
+        app.data.train("../elsewhere", root)
+    text, job_id = app.data.train("support", root)
     assert job_id == "ftjob-1" and created[0][0] == "file-1" and created[0][1].suffix == "feedback"
+    assert created[0][2] == "support", "the job goes on training the chosen adapter"
     assert text.startswith("Started ftjob-1 on 1 approved SFT rows (feedback-sft-") and "redacted: 1 e-mail" in text
+    assert "from adapter support" in text
+    assert app.data.train("base", root)[0].count("from the base model") == 1 and created[1][2] == "base"
+
+
+@pytest.mark.slow
+def test_train_on_these_goes_on_training_the_adapter_and_lists_the_new_one(tmp_path, trained_lora):
+    """The whole loop with the real trainer: corrections approved in the Data tab train a job that goes on from
+    the adapter the replies came from; the new adapter is listed in the menu."""
+    import shutil
+
+    from serve.files import FileStore
+    from serve.jobs import JobRunner
+    from tests.conftest import FAST, wait_for
+
+    adapters = tmp_path / "adapters"
+    shutil.copytree(trained_lora, adapters / "support")
+    registry = ScriptedRegistry(adapters)
+    store = Store(f"sqlite:///{tmp_path / 'assistant.db'}")
+    turns = TurnLog()
+    handlers = Handlers(registry, StopSignals(), lambda fn: fn, access=POLICY, turns=turns)
+    feedback = FeedbackPanel(turns, lambda: store, POLICY)
+    runner = JobRunner(tmp_path / "jobs", adapters, FileStore(tmp_path / "jobs" / "files"), extra_args=FAST)
+    data = DataTab(lambda: store, POLICY, registry, runner=runner)
+    root = browser("root")
+    app = SimpleNamespace(handlers=handlers, data=data)
+    try:
+        for question, better in (("Where is my order?", "It left our warehouse today; write to help@acme.example."),
+                                 ("Opening hours?", "We are open from 9 am to 5 pm, Monday to Friday."),
+                                 ("Hi", "Hello! How can I help you with your order today?")):
+            chat, _ = send(app, root, question)
+            feedback.like_chat(like(1, False), chat, root)
+            feedback.save({"side": "chat", "index": 1}, chat, [], better, "", root)
+        for record_id in listing(app, root)[1]["id"]:
+            data.approve(record_id, "", root)
+        text, job_id = data.train("support", root)
+        assert "3 approved SFT rows" in text and "from adapter support" in text
+        job = wait_for(lambda: (j := runner.get(job_id)).status in ("succeeded", "failed", "cancelled") and j, 900,
+                       what="the fine-tuning job")
+        assert job.status == "succeeded", (job.error, runner.log_tail(job_id))
+        assert job.fine_tuned_model in ModelRegistry(adapters).adapters, "the new adapter is listed"
+        report = json.loads((adapters / job.fine_tuned_model / "training_report.json").read_text())
+        assert report["from_adapter"] == str((adapters / "support").absolute())
+        trained = runner.files.path(job.training_file).read_text()
+        assert "[EMAIL_1]" in trained and "help@acme.example" not in trained, "what is trained is redacted"
+    finally:
+        runner.close()
+        store.close()

@@ -22,7 +22,7 @@ from ui.train_tab import TrainTab
 
 SECRET = "@/some/secret/file"
 TAB_SETTINGS = ("method", "time_budget_minutes", "n_epochs", "batch_size", "learning_rate_multiplier", "max_steps",
-                "system_prompt", "seed", "suffix")  # TrainTab.start's parameters after `chosen`, in order
+                "system_prompt", "seed", "suffix", "redact")  # TrainTab.start's parameters after `chosen`, in order
 
 
 @pytest.fixture
@@ -35,7 +35,8 @@ def runner(tmp_path):
 
 def test_the_contract_has_a_default_and_both_bounds_for_every_number():
     assert job_spec() == JobSpec(method="lora", n_epochs=1.0, batch_size=8, learning_rate_multiplier=1.0,
-                                 time_budget_minutes=0.0, max_steps=0, seed=42, suffix=None, system_prompt=None)
+                                 time_budget_minutes=0.0, max_steps=0, seed=42, suffix=None, system_prompt=None,
+                                 redact=False)
     assert job_spec(n_epochs="auto", batch_size=None, suffix="  ", system_prompt="") == job_spec()
     too_big = {"n_epochs": 101, "batch_size": 1025, "learning_rate_multiplier": 101, "time_budget_minutes": 10081,
                "max_steps": 1_000_001, "seed": 2**32}
@@ -71,8 +72,9 @@ def test_the_contract_has_a_default_and_both_bounds_for_every_number():
         ({"method": "qlora"}, {"adapter": {"type": "qlora"}}),
         ({"seed": -3}, {"seed": -3}),
         ({"suffix": "a b"}, {"suffix": "a b"}),
+        ({"redact": "yes"}, {"adapter": {"redact": "yes"}}),
     ],
-    ids=["file-prompt", "epochs", "batch", "lr", "steps", "budget", "method", "seed", "suffix"],
+    ids=["file-prompt", "epochs", "batch", "lr", "steps", "budget", "method", "seed", "suffix", "redact"],
 )
 def test_the_api_and_the_train_tab_refuse_the_same_input_with_the_same_message(runner, tab, body):
     upload = runner.files.save((DATA / "valid_pairs.jsonl").read_bytes(), "pairs.jsonl", "fine-tune")
@@ -114,6 +116,27 @@ def test_a_typed_system_prompt_reaches_the_doctor_and_the_trainer_only_as_the_jo
     assert command[command.index("--learning-rate-multiplier") + 1] == "1.0"
 
 
+def test_redact_and_an_adapter_to_go_on_from_reach_the_trainer(runner, trained_lora, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr("serve.jobs.diagnose", lambda *args, **kwargs: DoctorReport(True, ()))
+    shutil.copytree(trained_lora, runner.adapters_dir / "support")
+    upload = runner.files.save((DATA / "valid_pairs.jsonl").read_bytes(), "pairs.jsonl", "fine-tune")
+    api = FastAPI()
+    api.include_router(FineTuningServer(runner, AccessPolicy()).router)
+    answer = TestClient(api, client=("127.0.0.1", 50000)).post(
+        "/v1/fine_tuning/jobs", json={"model": "support", "training_file": upload.id, "adapter": {"redact": True}})
+    assert answer.status_code == 200, answer.text
+    command = runner.train_command(runner.get(answer.json()["id"]))
+    assert "--redact" in command
+    assert command[command.index("--from-adapter") + 1] == str((runner.adapters_dir / "support").absolute())
+    assert command[command.index("--base-model") + 1] == "embedded", "the adapter's own base"
+    plain = runner.train_command(runner.create(upload.id, job_spec()))
+    assert "--redact" not in plain and "--from-adapter" not in plain
+    # A name that is no adapter of the app's is a base model's name, as before (never a path out of the folder).
+    assert "--from-adapter" not in runner.train_command(runner.create(upload.id, job_spec(), model="../support"))
+
+
 @pytest.mark.slow
 def test_a_job_of_a_server_started_in_another_folder_finds_its_files(tmp_path, monkeypatch):
     """Folders given relative to the server's folder (not the repository, where train's commands run)."""
@@ -145,7 +168,7 @@ def test_the_train_tabs_untouched_fields_start_a_job_with_the_contracts_defaults
     with gr.Blocks():
         tab.layout()
     fields = [tab.method, tab.budget, tab.epochs, tab.batch_size, tab.lr_multiplier, tab.max_steps, tab.system,
-              tab.seed, tab.suffix]
+              tab.seed, tab.suffix, tab.redact]
     # A Number that starts blank shows 0 once the Advanced fold opens, and the page sends that 0.
     shown = {name: field.value for name, field in zip(TAB_SETTINGS, fields, strict=True)}
     assert all(value is not None for name, value in shown.items() if name not in ("system_prompt", "suffix")), shown

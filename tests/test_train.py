@@ -248,3 +248,35 @@ def test_accelerate_launch_runs_the_same_script(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "training_report.json").read_text())["steps"] == 2
+
+
+def test_from_adapter_goes_on_training_that_adapter(trained_lora, tmp_path):
+    from assistant.adapters import folder_signature
+
+    parent = json.loads((trained_lora / "training_report.json").read_text())
+    untouched = folder_signature(trained_lora)
+    out = tmp_path / "continued"
+    done = sft(str(DATA / "valid_pairs.jsonl"), "--output-dir", str(out), *FAST, "--max-steps", "2",
+               "--learning-rate", "1e-3", "--from-adapter", str(trained_lora))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "before this run" in done.stdout
+    report = json.loads((out / "training_report.json").read_text())
+    # It starts from the adapter's weights: on the same held-out rows, its loss before this run is the
+    # adapter's own, far below the untrained base's.
+    assert report["start_eval_loss"] == pytest.approx(parent["eval_loss"], rel=1e-3)
+    assert report["start_eval_loss"] < report["base_eval_loss"] - 0.1
+    assert (report["from_adapter"], report["method"], report["base_model"]) == (str(trained_lora), "lora", "embedded")
+    weights = load_file(out / "adapter_model.safetensors")
+    before = load_file(trained_lora / "adapter_model.safetensors")
+    assert weights.keys() == before.keys() and any(not torch.equal(weights[k], before[k]) for k in weights)
+    assert folder_signature(trained_lora) == untouched, "the adapter it continues is left as it was"
+
+
+def test_from_adapter_refuses_another_base_model_before_loading_anything(trained_lora, tmp_path):
+    done = sft(str(DATA / "valid_pairs.jsonl"), "--output-dir", str(tmp_path / "x"), "--from-adapter",
+               str(trained_lora), "--base-model", str(tmp_path / "other-model"), timeout=120)
+    assert done.returncode == 2
+    assert f"--from-adapter {trained_lora}: it was trained on embedded, not on --base-model" in done.stderr
+    merged = sft(str(DATA / "valid_pairs.jsonl"), "--output-dir", str(tmp_path / "y"), "--from-adapter",
+                 str(tmp_path), timeout=120)
+    assert merged.returncode == 2 and f"--from-adapter {tmp_path}:" in merged.stderr

@@ -218,7 +218,7 @@ def test_start_refuses_a_file_the_doctor_rejected(tmp_path):
     assert not ok and text == f"error: {bad.name}:3: invalid JSON: Expecting ',' delimiter (column 74)"
     chosen = {"path": str(bad), "name": bad.name, "ok": ok}
     with pytest.raises(gr.Error):
-        tab.start(chosen, "lora", 5, None, None, None, None, "", 42, "", request=None)
+        tab.start(chosen, "lora", 5, None, None, None, None, "", 42, "", False, request=None)
     with pytest.raises(gr.Error):
-        tab.start(None, "lora", 5, None, None, None, None, "", 42, "", request=None)
+        tab.start(None, "lora", 5, None, None, None, None, "", 42, "", False, request=None)
     assert runner.list() == [] and runner.files.list() == []

@@ -93,3 +93,28 @@ def test_eval_loss_is_per_labelled_token_over_the_whole_set(setup, tmp_path, pac
         batch_means = [float(reference_loss(model, items[:2])), float(reference_loss(model, items[2:]))]
     assert abs(sum(batch_means) / 2 - expected) > 1e-3, "the test data must tell the two means apart"
     assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize(("steps", "warmup"), [(1, 0), (2, 0), (19, 0), (20, 1), (200, 10)])
+def test_warmup_is_whole_steps_so_a_short_run_still_learns(tmp_path, steps, warmup):
+    from types import SimpleNamespace
+
+    from transformers import get_scheduler
+
+    from assistant.models import pick_precision
+    from train.pipeline import training_arguments
+    from train.sft import SFTConfig
+
+    config = SFTConfig(data="rows.jsonl", output_dir=str(tmp_path / "out"), max_steps=steps)
+    args = training_arguments(config, SimpleNamespace(items=[0] * 8), True, pick_precision("fp32"))
+    assert args.get_warmup_steps(steps) == warmup
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    schedule = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(steps),
+                             num_training_steps=steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    # Every step after the warmup trains: a one-step run used to warm up for its only step, at rate 0.
+    assert all(rate > 0 for rate in rates[warmup:]) and len(rates[warmup:]) == steps - warmup

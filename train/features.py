@@ -89,11 +89,13 @@ def with_system_prompt(examples: list[Example], system: str | None) -> list[Exam
     return [replace(e, messages=messages_for(e.messages, system)) for e in examples]
 
 
-def trained_prompt_of(tokenizer, rows: list[Example], system: str | None) -> TrainedPrompt:
-    """The system prompt `rows` are trained under: their own, else `system`, else the template's default."""
+def trained_prompt_of(tokenizer, rows: list[Example], system: str | None,
+                      source: str = "--system-prompt") -> TrainedPrompt:
+    """The system prompt `rows` are trained under: their own, else `system` (from `source`), else the template's
+    default."""
     own = [m[0]["content"] if m and m[0]["role"] == "system" else None for m in (r.messages for r in rows)]
     if system is not None:
-        return summarize_prompts(own, system, "--system-prompt")
+        return summarize_prompts(own, system, source)
     return summarize_prompts(own, template_default_system(tokenizer), "template default")
 
 

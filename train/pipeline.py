@@ -5,21 +5,23 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from assistant.adapters import (
     ADAPTER_CONFIG,
     GENERATION_FILE,
     REPORT_FILE,
+    AdapterFolder,
     TrainedPrompt,
+    read_folder,
     write_generation,
     write_report,
     write_trained_prompt,
     written_by_trainer,
 )
 from assistant.chat_format import TemplateError
-from assistant.embedded import public_name
+from assistant.embedded import is_embedded, public_name
 from assistant.models import device, load_base_model, load_tokenizer, pick_precision
 from train.features import (
     Features,
@@ -51,8 +53,30 @@ class PreparedData:
     redacted: dict[str, int] | None = None  # personal data replaced per kind (--redact), None when not asked
 
 
-def prepare_data(config) -> PreparedData:
-    """Load, validate, split and encode the data, or raise InputError naming file, line and field."""
+def continued(config) -> tuple[object, AdapterFolder | None]:
+    """`config` with what --from-adapter fixes (its base model, method and DoRA), and that adapter's folder
+    (None without --from-adapter); InputError when the folder cannot be trained further."""
+    if not getattr(config, "from_adapter", None):
+        return config, None
+    folder = read_folder(config.from_adapter)
+    if folder.problem or folder.method is None:
+        why = folder.problem or "it is a merged model, not an adapter"
+        raise InputError(f"--from-adapter {config.from_adapter}: {why}")
+    base = folder.base
+    # --base-model left at its default takes the adapter's; another one would not match its weights.
+    if not is_embedded(config.base_model) and config.base_model != base:
+        raise InputError(f"--from-adapter {config.from_adapter}: it was trained on {base}, not on --base-model "
+                         f"{config.base_model}; leave --base-model out")
+    if (config.method, config.use_dora) != (folder.method, folder.kind == "dora"):
+        logger.info("--from-adapter: training its %s weights further", folder.kind)
+    return replace(config, base_model=base, method=folder.method, use_dora=folder.kind == "dora"), folder
+
+
+def prepare_data(config, parent: AdapterFolder | None = None) -> PreparedData:
+    """Load, validate, split and encode the data, or raise InputError naming file, line and field.
+
+    `parent`: the adapter --from-adapter continues; rows without a system message then get its trained prompt
+    (unless --system-prompt says otherwise), so it goes on learning under the prompt it is served with."""
     try:
         loaded = load_examples(config.data)
         valid_loaded = load_examples(config.valid_file) if config.valid_file else None
@@ -71,7 +95,11 @@ def prepare_data(config) -> PreparedData:
         system = read_system_prompt(config.system_prompt)
     except OSError as error:
         raise InputError(f"--system-prompt: {error}") from error
-    prompt = trained_prompt_of(tokenizer, train_rows, system)
+    source = "--system-prompt"
+    inherited = parent.prompt if parent is not None else None
+    if system is None and inherited is not None and inherited.source not in ("template default", "none"):
+        system, source = inherited.text, f"--from-adapter {parent.path.name}"
+    prompt = trained_prompt_of(tokenizer, train_rows, system, source)
     # Rows without a system message get --system-prompt; without it the template writes its own default.
     train_rows, valid_rows = with_system_prompt(train_rows, system), with_system_prompt(valid_rows, system)
     try:
@@ -169,6 +197,12 @@ def build_model(config, tokenizer, train: Features):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.config.pad_token_id = tokenizer.pad_token_id
     set_seed(config.seed)  # --seed fixes the adapter's initial weights too: same seed and data, same adapter
+    if getattr(config, "from_adapter", None):  # its trained weights, trainable (continued() checked the folder)
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, config.from_adapter, is_trainable=True)
+        use_fast_dropout(model)
+        return model, precision, {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     model = get_peft_model(
         model,
         peft_config(
@@ -235,7 +269,9 @@ def training_arguments(config, train: Features, has_valid: bool, precision):
         max_steps=config.max_steps,
         learning_rate=config.lr,
         lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio,
+        # Whole steps, rounded down: transformers rounds a ratio up, so a one-step run warmed up for its only
+        # step and trained at learning rate 0 (a "Train on these" job on a few records changed nothing).
+        warmup_steps=int(config.warmup_ratio * steps),
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         seed=config.seed,
@@ -277,6 +313,15 @@ def base_eval_loss(trainer, model) -> float | None:
     with model.disable_adapter():
         loss = trainer.evaluate(metric_key_prefix="base")["base_loss"]
     logger.info("base model: validation loss %.4f before training", loss)
+    return loss
+
+
+def start_eval_loss(trainer) -> float | None:
+    """Validation loss of the adapter --from-adapter continues, before this run trains it further."""
+    if trainer.eval_dataset is None:
+        return None
+    loss = trainer.evaluate(metric_key_prefix="start")["start_loss"]
+    logger.info("--from-adapter: validation loss %.4f before this run", loss)
     return loss
 
 
@@ -322,7 +367,8 @@ def run(config) -> str:
     events = EventLog(config.events_file)
     training_precision(config)  # fail on impossible options before reading any data
     target = check_output_dir(config)
-    data = prepare_data(config)
+    config, parent = continued(config)
+    data = prepare_data(config, parent)
     tokenizer, train, valid = data.tokenizer, data.train, data.valid
     logger.info(
         "data: %d train / %d valid examples, %d tokens", len(train.items), len(valid.items), train.tokens
@@ -353,6 +399,7 @@ def run(config) -> str:
     eval_started = time.time()
     events.phase("base_eval", "evaluating the base model")
     base_loss = base_eval_loss(trainer, model)
+    start_loss = start_eval_loss(trainer) if parent is not None else None
     budget = None
     if config.time_budget > 0:
         budget = TimeBudget(config.time_budget * 60, started, eval_seconds=time.time() - eval_started)
@@ -397,6 +444,8 @@ def run(config) -> str:
             "epochs": round(trainer.state.epoch or 0, 3),
             "train_loss": result.metrics.get("train_loss"),
             "base_eval_loss": base_loss,
+            **({"from_adapter": str(parent.path), "from_adapter_version": parent.version,
+                "start_eval_loss": start_loss} if parent is not None else {}),
             "eval_loss": eval_loss,
             "eval_perplexity": perplexity(eval_loss),
             "best_checkpoint": trainer.state.best_model_checkpoint,
@@ -413,7 +462,8 @@ def run(config) -> str:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     ppl = report["eval_perplexity"]
-    gained = "" if base_loss is None or eval_loss is None else f" (base {round(base_loss, 4)})"
+    gained = "" if base_loss is None or eval_loss is None else f" (base {round(base_loss, 4)}" + (
+        f", before this run {round(start_loss, 4)})" if start_loss is not None else ")")
     return (
         f"adapter written to {target}: {config.method}, {report['steps']} steps, eval loss "
         f"{eval_loss if eval_loss is None else round(eval_loss, 4)}{gained}, perplexity {ppl}, "

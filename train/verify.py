@@ -63,6 +63,9 @@ def verify_adapter(
         chat = load_chat_model(base_model, adapter=folder)
     except Exception as error:  # any failure to load back is a broken adapter
         raise AdapterCheckError(f"{folder}: the adapter does not load back: {error}") from error
+    if not probes:  # --probes 0: the weights check above is the only one
+        logger.info("adapter checks passed: %.0f%% of trained tensors changed (no probes asked)", 100 * changed)
+        return Verified({"changed_tensor_fraction": round(changed, 4), "probes": None}, chat)
     before = score(chat, probes, use_adapter=False, max_new_tokens=probe_tokens, desc="probes, base")
     after = score(chat, probes, max_new_tokens=probe_tokens, desc="probes, adapter")
     if [r["reply"] for r in before["rows"]] == [r["reply"] for r in after["rows"]]:

@@ -65,6 +65,7 @@ EXPORT_STATUSES = [("Approved only", "approved"), ("All but rejected", "all")]
 PREVIEW = 80  # characters of a question or a reply in the table
 KEEP = 5  # export files kept on disk (older ones were copied into Gradio's cache when handed out)
 CHOOSE_A_ROW = "Choose a record in the table first."
+BASE = "base"  # the base model, as the menu and the API name it
 
 
 class DataTab:
@@ -124,6 +125,9 @@ class DataTab:
                                           elem_id="data-redact")
             with gr.Row():
                 self.export_btn = gr.Button("Export", elem_id="data-export-run")
+                self.start_from = gr.Dropdown(self.starts(), value=BASE, label="Train from (an adapter goes on "
+                                              "learning from its weights; the base model starts afresh)",
+                                              visible=self.runner is not None, elem_id="data-train-from")
                 self.train_btn = gr.Button("Train on these (approved SFT rows, redacted)", variant="primary",
                                            visible=self.runner is not None, elem_id="data-train")
             self.export_result = gr.Textbox(label="Result", lines=3, max_lines=20, interactive=False,
@@ -145,6 +149,7 @@ class DataTab:
         demo.load(self.roles, None, [self.approve_btn, self.reject_btn, self.save_edit_btn, self.edit, self.user],
                   **quick)
         demo.load(lambda: gr.update(choices=self.models()), None, self.adapter, queue=False, **quick)
+        demo.load(lambda: gr.update(choices=self.starts()), None, self.start_from, queue=False, **quick)
         shown = [self.chosen, self.conversation, self.edit]
         self.table.select(self.open, self.table, shown, **quick)
         for button, action in ((self.approve_btn, self.approve), (self.reject_btn, self.reject),
@@ -157,7 +162,8 @@ class DataTab:
                               [self.export_result, self.file], concurrency_limit=1, **quick)
         if self.runner is not None:
             watch = train is not None and tabs is not None and train_tab is not None
-            started = self.train_btn.click(self.train, None, [self.export_result, train.job_id if watch else self.started],
+            started = self.train_btn.click(self.train, self.start_from,
+                                           [self.export_result, train.job_id if watch else self.started],
                                            concurrency_limit=1, **quick)
             if watch:
                 started.success(lambda: gr.update(selected=train_tab), None, tabs, queue=False, **quick).then(
@@ -180,7 +186,11 @@ class DataTab:
 
     def models(self) -> list[str]:
         """The adapter filter's choices: any, the base model, the menu's adapters."""
-        return [ANY, "base", *self.registry.adapters]
+        return [ANY, BASE, *self.registry.adapters]
+
+    def starts(self) -> list[str]:
+        """What "Train on these" may start from: the base model, or an adapter of the menu to go on training."""
+        return [BASE, *self.registry.adapters]
 
     # -- listing -------------------------------------------------------------------------------------
     def list(self, show: str, rating: str, corrected: str, status: str, adapter: str | None, since: str | None,
@@ -261,30 +271,36 @@ class DataTab:
             return f"Nothing exported: {error}", None
         return done.summary().replace(str(path), path.name), str(path)
 
-    def train(self, request: gr.Request) -> tuple:
+    def train(self, start: str | None, request: gr.Request) -> tuple:
         """Export the approved SFT rows (redacted), have the dataset doctor check them, then start a fine-tuning
-        job on them (the Train tab shows it)."""
+        job on them from `start` (the base model, or an adapter it goes on training); the Train tab shows it."""
         who = self.caller(request)
         if self.runner is None:
             raise gr.Error("Fine-tuning is off on this server.")
+        start = start or BASE
+        if start not in self.starts():
+            raise _error(f"Train from: {start!r} is not the base model nor an adapter of this app; choose one "
+                         "from the list")
         name = f"feedback-sft-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
         path = self._exports_root() / name
         try:
             done = self._store(lambda store: export(store, who, "sft", path, status="approved", redact=True))
         except (NothingToExport, ValueError, OSError) as error:
             raise _error(f"Nothing to train on: {error}") from None
-        report = self.runner.doctor(path)
+        report = self.runner.doctor(path, start)
         if not report.ok:
             raise _error(f"The dataset doctor rejects the exported rows:\n{report.text(path, name)}")
         try:
-            spec = job_spec(suffix="feedback", time_budget_minutes=DEFAULT_BUDGET_MINUTES)
+            # The rows are redacted already; the job redacts too, so its report says what it found (nothing).
+            spec = job_spec(suffix="feedback", time_budget_minutes=DEFAULT_BUDGET_MINUTES, redact=True)
             stored = self.runner.files.save(path.read_bytes(), name, "fine-tune")
-            job = self.runner.create(stored.id, spec)
+            job = self.runner.create(stored.id, spec, model=start)
         except (OSError, ValueError, JobSpecError) as error:  # FileError and JobError are ValueErrors
             raise _error(str(error)) from error
         logger.info("fine-tuning job %s started from the Data tab on %d rows", job.id, done.rows)
-        text = (f"Started {job.id} on {done.rows} approved SFT rows ({name}, {done.privacy()}); the Train tab "
-                f"shows it (adapter {job.output_name} when it succeeds).")
+        start_text = "the base model" if start == BASE else f"adapter {start}"
+        text = (f"Started {job.id} on {done.rows} approved SFT rows ({name}, {done.privacy()}) from {start_text}; "
+                f"the Train tab shows it (adapter {job.output_name} when it succeeds).")
         return text, job.id
 
     # -- helpers -------------------------------------------------------------------------------------

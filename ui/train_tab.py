@@ -68,6 +68,10 @@ class TrainTab:
                 self.method = gr.Radio(list(METHODS), value=default, label="Method", elem_id="train-method")
                 self.budget = _number_field("time_budget_minutes", "Time budget, minutes", "train-budget",
                                             DEFAULT_BUDGET_MINUTES)
+                self.redact = gr.Checkbox(JobSpec.model_fields["redact"].default, elem_id="train-redact",
+                                          label="Redact personal data (e-mail, phone, card and IBAN numbers, IP "
+                                                "addresses become [EMAIL_1]-style placeholders; names are not "
+                                                "detected)")
                 with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
                     self.epochs = _number_field("n_epochs", "Epochs", "train-epochs")
                     self.batch_size = _number_field("batch_size", "Batch size", "train-batch-size")
@@ -113,7 +117,7 @@ class TrainTab:
         self.shown = shown = [self.progress, self.plot, self.log, self.result, self.stop_btn, self.resume_btn,
                  self.chat_btn, self.seen, self.job_id]
         settings = [self.method, self.budget, self.epochs, self.batch_size, self.lr_multiplier,
-                    self.max_steps, self.system, self.seed, self.suffix]
+                    self.max_steps, self.system, self.seed, self.suffix, self.redact]
         started = self.start_btn.click(self.start, [self.chosen, *settings], self.job_id,
                                        api_visibility="private")
         started.success(self.show, self.job_id, shown, **quick)
@@ -161,14 +165,14 @@ class TrainTab:
     # -- the job -------------------------------------------------------------------------------------
     def start(self, chosen: dict | None, method: str, budget: float | None, epochs: float | None,
               batch_size: float | None, lr_multiplier: float | None, max_steps: float | None, system: str,
-              seed: float | None, suffix: str, request: gr.Request) -> str:
+              seed: float | None, suffix: str, redact: bool, request: gr.Request) -> str:
         """Check the settings (the job contract, as the API does), store the chosen file and create a job on it;
         returns the job's id."""
         admit(self.access, request, "a Train tab action")
         try:  # before anything is stored: the same check, and the same message, as the API's
             spec = job_spec(method=method, time_budget_minutes=budget, n_epochs=epochs, batch_size=batch_size,
                             learning_rate_multiplier=lr_multiplier, max_steps=max_steps, system_prompt=system,
-                            seed=seed, suffix=suffix)
+                            seed=seed, suffix=suffix, redact=redact)
         except JobSpecError as error:
             raise _error(str(error)) from None
         if not chosen or not chosen.get("ok"):
