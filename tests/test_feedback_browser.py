@@ -1,5 +1,6 @@
 """Learning from a conversation, in a real browser: chat, thumb down, correct the reply, find it in the Data
-tab, approve it, export the SFT rows: the downloaded file holds the correction."""
+tab, approve it, export the SFT rows: the downloaded file holds the correction. With a login, what a user
+rated outlives a restart of the app and stays that user's: another user neither lists nor opens it."""
 
 from __future__ import annotations
 
@@ -98,6 +99,126 @@ def test_thumb_down_correct_review_approve_and_export(page, feedback_app, tmp_pa
     stored = demo.service.store.list_feedback(_admin()).items[0]
     assert (stored.status, stored.rating, stored.comment, stored.completion.source) == ("approved", "bad",
                                                                                        "Too short.", "app")
+
+
+ANN = ("ann", "pw-ann-7f3c")  # the --auth-file login (a file, never argv)
+BOB = ("bob", "pw-bob-91d2")  # a second login, not an admin
+SECOND = "Say hello."
+
+
+def _serve(root: Path, auth_file: Path, *, warm: bool):
+    """The app over `root`'s adapters and jobs folders (its SQLite database), served with a login: ann from
+    the --auth-file, and bob (Gradio's launch takes a list of users; --auth-file holds one)."""
+    from serve.registry import BASE_CHOICE, ModelRegistry
+    from ui.app import build_app
+    from ui.config import ChatConfig
+
+    config = ChatConfig(adapters_dir=str(root / "adapters"), jobs_dir=str(root / "jobs"), no_training=True,
+                        auth_file=str(auth_file))
+    demo = build_app(config, defaults={"max_new_tokens": 12, "temperature": 0.0},
+                     registry=ModelRegistry(config.adapters_dir, default=BASE_CHOICE))
+    if warm:
+        demo.registry.get(BASE_CHOICE)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), auth=[config.credentials(), BOB],
+                            prevent_thread_lock=True, quiet=True)
+    demo.service.mount(demo.app)  # /v1, where a record is opened by its id
+    return demo, url
+
+
+@pytest.fixture
+def log_in(browser):
+    """Factory: a fresh browser context (its own cookies) logged in to the app at `url` through its login form."""
+    from ui.app import STORAGE_KEY
+
+    contexts = []
+
+    def log_in_(url: str, user: str, password: str):
+        contexts.append(browser.new_context())
+        page = contexts[-1].new_page()
+        page.goto(url)
+        page.get_by_label("username").fill(user)
+        page.get_by_label("password").fill(password)
+        page.get_by_role("button", name="Login").click()
+        page.wait_for_selector("#message textarea", timeout=60_000)
+        page.wait_for_function(f"localStorage.getItem({STORAGE_KEY!r}) !== null")
+        return page
+
+    yield log_in_
+    for context in contexts:
+        context.close()
+
+
+def _status(page, path: str) -> int:
+    """The HTTP status of a GET of `path` from the page, with its login cookie."""
+    return page.evaluate("async (path) => (await fetch(path)).status", path)
+
+
+def _data_tab(page, user: str) -> str:
+    """Open the Data tab and wait for its listing; returns the table's text."""
+    page.get_by_role("tab", name="Data").click()
+    summary = page.locator("#data-summary textarea")
+    wait_for(lambda: summary.input_value().startswith(f"{user}: "), 30, what=f"{user}'s listing")
+    return page.locator("#data-table").inner_text()
+
+
+def test_a_users_feedback_survives_a_restart_and_stays_hers(log_in, tmp_path, monkeypatch):
+    """ann rates two replies and corrects one; after a restart (a new app over the same database file) she
+    finds and opens them in the Data tab; bob, logged in too, lists none of them and opens none by id."""
+    from serve.access import Caller
+
+    for name in ("ASSISTANT_AUTH", "ASSISTANT_API_KEY", "ASSISTANT_DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    auth = tmp_path / "auth"
+    auth.write_text(":".join(ANN) + "\n")
+    root = tmp_path / "app"
+    demo, url = _serve(root, auth, warm=True)
+    try:  # ann chats twice: a thumb up on the second reply, a thumb down and a correction on the first
+        page = log_in(url, *ANN)
+        first = chat(page, QUESTION)
+        second = chat(page, SECOND)
+        assert first and second and bot_texts(page) == [first, second]
+        page.locator("#chatbot button[aria-label='Like']").nth(1).click()
+        wait_for(lambda: demo.service.store.list_feedback(Caller(ANN[0])).items, 30, what="the thumb up stored")
+        page.locator("#chatbot button[aria-label='Dislike']").first.click()
+        correction = page.locator("#feedback-correction textarea")
+        wait_for(lambda: correction.is_visible() and correction.input_value() != "", 30, what="the correction panel")
+        assert page.input_value("#feedback-reply textarea").strip() == first.strip()
+        correction.fill(CORRECTION)
+        page.click("#feedback-save")
+        toast(page, "Saved: the Data tab lists it for review.")
+    finally:  # the restart: this server and its database connections go
+        demo.close()
+        demo.service.store.close()
+
+    demo, url = _serve(root, auth, warm=False)  # a new app over the same folders: the same database file
+    try:
+        # ann sees both records, the thumb down with her correction; she opens it.
+        page = log_in(url, *ANN)
+        table = _data_tab(page, ANN[0])
+        summary = page.input_value("#data-summary textarea")
+        assert summary.startswith("ann: your records\nFeedback: 2 ") and "corrected 1" in summary, summary
+        assert QUESTION[:30] in table and SECOND in table and CORRECTION in table, table
+        page.locator("#data-table [data-testid^='cell-']", has_text=QUESTION[:30]).first.click()  # its question
+        conversation = page.locator("#data-conversation textarea")
+        wait_for(lambda: CORRECTION in conversation.input_value(), 30, what="ann's record to open")
+        assert QUESTION in conversation.input_value() and "rating: bad" in conversation.input_value()
+        records = {f.rating: f for f in demo.service.store.list_feedback(Caller(ANN[0])).items}
+        assert records.keys() == {"bad", "good"} and records["bad"].correction == CORRECTION
+        assert {f.owner for f in records.values()} == {ANN[0]}
+        opened = [f"v1/chat/completions/{f.completion_id}" for f in records.values()]
+        assert [_status(page, path) for path in opened] == [200, 200], "ann opens her own records by id"
+
+        # bob (not an admin) lists none of them and cannot open them.
+        page = log_in(url, *BOB)
+        table = _data_tab(page, BOB[0])
+        summary = page.input_value("#data-summary textarea")
+        assert summary.startswith("bob: your records\nFeedback: 0 "), summary
+        assert ANN[0] not in table and QUESTION[:30] not in table and SECOND not in table, table
+        assert not page.locator("#data-user").is_visible(), "no user filter for a user who is not an admin"
+        assert [_status(page, path) for path in opened] == [404, 404], "another's record answers 404"
+    finally:
+        demo.close()
+        demo.service.store.close()
 
 
 def _admin():
