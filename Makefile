@@ -39,3 +39,5 @@ bench: setup
 	$(PY) -m bench.concurrency --store
 	$(PY) -m bench.first_token
 	$(PY) -m bench.quality
+	$(PY) -m bench.memorisation
+	$(PY) -m bench.feedback_loop
