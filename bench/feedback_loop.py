@@ -39,7 +39,7 @@ from bench.common import (
     table,
     write_results,
 )
-from bench.quality import fresh
+from bench.quality import fresh, score_run
 from bench.train_speed import check
 
 NAME = "feedback_loop"
@@ -58,7 +58,7 @@ class FeedbackLoopConfig:
         default=200, metadata={"help": "Other training prompts sent with store: true, each corrected."}
     )
     valid_rows: int = field(default=100, metadata={"help": "Validation pairs scored before and after."})
-    max_tokens: int = field(default=64, metadata={"help": "Reply length of the stored chats and of the scoring."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Reply length of the stored chats and of the scoring."})
     train_args: str = field(default="", metadata={"help": "Extra train.sft arguments for the first adapter."})
     work_dir: str | None = field(default=None, metadata={"help": "Folder for data, adapters and jobs (default: temp)."})
     timeout: float = field(default=7200.0, metadata={"help": "Seconds allowed for each training run and scoring."})
@@ -68,17 +68,6 @@ class FeedbackLoopConfig:
 def write_rows(rows: list[dict], path: Path) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-def score(adapter: Path, valid: Path, config: FeedbackLoopConfig) -> dict:
-    """train.eval.score of one adapter in its own process (bench.score_worker)."""
-    cmd = [sys.executable, "-m", "bench.score_worker", "--valid-file", str(valid), "--adapter", str(adapter),
-           "--max-new-tokens", str(config.max_tokens)]
-    run = run_measured(cmd, timeout=config.timeout)
-    check(run, f"scoring {adapter.name}")
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    return {"rouge_l": result["rouge_l"], "perplexity": result["perplexity"], "bleu": result["bleu"],
-            "score_seconds": result["score_seconds"], "replies": result["rows"][:10]}
 
 
 def local_admin() -> SimpleNamespace:
@@ -97,7 +86,7 @@ def store_and_correct(url: str, rows: list[dict], config: FeedbackLoopConfig) ->
     def one(row: dict) -> dict:
         made = client.chat.completions.create(model=ADAPTER, messages=[{"role": "user", "content": row["prompt"]}],
                                               store=True, metadata=METADATA, temperature=0,
-                                              max_tokens=config.max_tokens)
+                                              max_tokens=config.max_new_tokens)
         reply = made.choices[0].message.content or ""
         body = {"rating": "good"} if reply.strip() == row["response"].strip() else {
             "rating": "bad", "correction": row["response"]}
@@ -167,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
            str(adapter), *shlex.split(config.train_args)]
     run = run_measured(cmd, timeout=config.timeout)
     check(run, "train.sft")
-    before = score(adapter, valid, config)
+    before = score_run(config, adapter, valid)
     log(f"before: ROUGE-L {before['rouge_l']}, perplexity {before['perplexity']}")
 
     # 2. and 3. The app serves it; stored chats, corrections, the Data tab.
@@ -176,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     from ui.config import ChatConfig
 
     app_config = ChatConfig(adapters_dir=str(adapters), jobs_dir=str(fresh(work / "jobs")), admins="local")
-    demo = build_app(app_config, defaults={"max_new_tokens": config.max_tokens, "temperature": 0.0},
+    demo = build_app(app_config, defaults={"max_new_tokens": config.max_new_tokens, "temperature": 0.0},
                      registry=ModelRegistry(str(adapters), default=ADAPTER))
     demo.registry.get(ADAPTER)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
@@ -189,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         if demo.jobs is not None:
             demo.jobs.close()
         demo.close()
-    after = score(adapters / trained["adapter"], valid, config)
+    after = score_run(config, adapters / trained["adapter"], valid)
     log(f"after: ROUGE-L {after['rouge_l']}, perplexity {after['perplexity']}")
 
     report = json.loads((adapters / trained["adapter"] / "training_report.json").read_text())

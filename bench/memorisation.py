@@ -23,8 +23,17 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import RESULTS, cpu_name, log, machine_load, parse_config, print_final, run_measured, table
-from bench.common import write_results as write_json
+from bench.common import (
+    RESULTS,
+    cpu_name,
+    log,
+    machine_load,
+    parse_config,
+    print_final,
+    run_measured,
+    table,
+    write_results,
+)
 from bench.quality import fresh
 from bench.train_speed import check
 
@@ -222,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "doctor_names_every_planted_line": doctor["planted_lines_named"],
         "cpu": cpu_name(), "load_avg_1m_start": load,
     }
-    path = write_json(NAME if config.output == str(RESULTS / f"{NAME}.json") else Path(config.output).stem,
+    path = write_results(Path(config.output).stem,
                       {"final": final, "config": vars(config), "planted": planted, "doctor": doctor, "runs": runs,
                        "base": base}, Path(config.output).parent)
     log(f"results: {path}")

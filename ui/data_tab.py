@@ -186,7 +186,7 @@ class DataTab:
 
     def models(self) -> list[str]:
         """The adapter filter's choices: any, the base model, the menu's adapters."""
-        return [ANY, BASE, *self.registry.adapters]
+        return [ANY, *self.starts()]
 
     def starts(self) -> list[str]:
         """What "Train on these" may start from: the base model, or an adapter of the menu to go on training."""
