@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 META = "file.json"
-PURPOSES = ("fine-tune",)  # the only purpose this server stores files for
+PURPOSES = ("fine-tune", "evals")  # what this server stores files for: training data, eval items
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 

@@ -16,13 +16,14 @@ from pathlib import Path
 
 from serve.access import AccessPolicy
 from serve.config import ServerConfig
+from serve.evals import EvalRunner, EvalsServer, EvalStore, item_source
 from serve.feedback import Retention
 from serve.files import FileStore
 from serve.fine_tuning_api import FineTuningServer, training_off_router
 from serve.http import Gate
 from serve.jobs import JobError, JobRunner
-from serve.openai_api import OpenAIServer
-from serve.registry import ModelRegistry
+from serve.openai_api import BASE_ID, OpenAIServer
+from serve.registry import BASE_CHOICE, ModelRegistry
 from serve.remote import RemoteRegistry
 from serve.store import Store, StoreError
 from serve.stored_api import StoredCompletionsServer
@@ -50,6 +51,23 @@ class Server:
         if self.retention is not None:
             self.retention.start()
             atexit.register(self.retention.close)
+        self._evals: EvalRunner | None = None
+
+    @property
+    def evals(self) -> EvalRunner:
+        """The eval runs of this server's models (its store under <jobs dir>/evals), started on first use."""
+        with self._store_lock:
+            if self._evals is None:
+                root = Path(self.config.jobs_dir)
+                files = self.jobs.files if self.jobs is not None else FileStore(root / "files")
+                self._evals = EvalRunner(EvalStore(root / "evals"), self.resolve,
+                                         item_source(files, lambda: self.store))
+                atexit.register(self._evals.close)
+            return self._evals
+
+    def resolve(self, model: str):
+        """The ChatModel an API model id names, and the name it resolved to (at the time of asking)."""
+        return self.registry.get(BASE_CHOICE if model == BASE_ID else model), model
 
     @property
     def store(self) -> Store:
@@ -77,8 +95,9 @@ class Server:
             return
         config, gate = self.config, Gate(self.access)
         body_limit = config.max_request_kb * 1024
-        app.include_router(OpenAIServer(self.registry, self.access, max_body_bytes=body_limit,
-                                        store=lambda: self.store).router)
+        api = OpenAIServer(self.registry, self.access, max_body_bytes=body_limit, store=lambda: self.store)
+        app.include_router(api.router)
+        app.include_router(EvalsServer(self.evals.store, self.evals, api.model_ids, self.access).router)
         app.include_router(StoredCompletionsServer(lambda: self.store, self.access, max_body_bytes=body_limit).router)
         if self.jobs is None:
             reason = ("Fine-tuning is turned off on this server (it was started with --no-training); start it "

@@ -119,16 +119,25 @@ def test_the_merged_model_replies_like_the_adapter(tmp_path, trained_lora):
 
 
 @pytest.mark.slow
-def test_eval_scores_the_base_model_and_the_adapter(tmp_path, trained_lora):
+def test_eval_scores_the_base_model_and_the_adapter_and_compares_them_row_by_row(tmp_path, trained_lora):
     out = tmp_path / "eval.json"
     done = subprocess.run(
         [sys.executable, "-m", "train.eval", str(DATA / "valid_pairs.jsonl"), "--adapter", str(trained_lora),
-         "--max-rows", "3", "--max-new-tokens", "8", "--output", str(out)],
+         "--max-rows", "3", "--max-new-tokens", "8", "--output", str(out), "--compare"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert set(results) == {"base", "adapter"} and "perplexity" in done.stdout
+    assert set(results) == {"base", "adapter", "comparison"} and "perplexity" in done.stdout
+    compared = results.pop("comparison")
+    assert compared["description"] in done.stdout and compared["items"] == 3
+    assert compared["wins"] + compared["ties"] + compared["losses"] == 3
+    base_rows, adapter_rows = results["base"]["rows"], results["adapter"]["rows"]
+    assert compared["wins"] == sum(b["rouge_l"] > a["rouge_l"] for a, b in zip(base_rows, adapter_rows, strict=True))
+    assert compared["mean_difference"] == pytest.approx(
+        sum(b["rouge_l"] - a["rouge_l"] for a, b in zip(base_rows, adapter_rows, strict=True)) / 3, abs=1e-4)
+    assert compared["interval"][0] <= compared["mean_difference"] <= compared["interval"][1]
+    assert len(compared["worse"]) == compared["losses"]
     for scores in results.values():
         assert len(scores["rows"]) == 3 and 0 <= scores["rouge_l"] <= 1
         assert all(row["reply"] for row in scores["rows"])
@@ -168,10 +177,10 @@ def test_a_time_budget_plans_the_steps_and_ends_the_schedule_on_them(monkeypatch
 
 
 def test_a_prefix_starts_from_the_base_models_loss():
+    from assistant.likelihood import masked_nll
     from train.collate import ChatCollator
     from train.pipeline import build_model, prepare_data
     from train.sft import SFTConfig
-    from train.trainer import masked_nll
 
     config = SFTConfig(data=str(DATA / "valid_pairs.jsonl"), method="prefix", virtual_tokens=20)
     data = prepare_data(config)

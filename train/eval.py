@@ -1,31 +1,29 @@
-"""`python -m train.eval DATA [--adapter DIR]`: held-out perplexity, ROUGE-L and BLEU, base vs adapter."""
+"""`python -m train.eval DATA [--adapter DIR] [--compare [--against DIR]]`: held-out perplexity, ROUGE-L and BLEU,
+base vs adapter; with --compare, row by row: wins, ties, losses and the mean difference with its interval."""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from assistant.adapters import TrainedPrompt, messages_for
 from assistant.batching import MAX_BATCH
-from assistant.chat_format import encode_chat
 from assistant.generation import GenerationParams, complete_reply
+from assistant.likelihood import reply_nll
 from assistant.loading import ChatModel, load_chat_model
 from assistant.logs import configure
+from assistant.scoring import compare, rouge_l
 from train.cli import parse_with_positional
 from train.features import read_system_prompt
 from train.records import Example, load_examples
-from train.trainer import masked_nll
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +52,17 @@ class EvalConfig:
         metadata={"help": "Serve rows without a system message with this prompt (TEXT or @FILE) instead of "
                           "the one the adapter was trained with."},
     )
+    compare: bool = field(
+        default=False,
+        metadata={"help": "Pair the adapter's replies with the base model's (or --against's) row by row: wins, ties "
+                          "and losses on ROUGE-L, the mean difference with a bootstrap 95% interval, and the rows "
+                          "that got worse."},
+    )
+    against: str | None = field(
+        default=None,
+        metadata={"help": "With --compare: the adapter folder to compare against (e.g. the one in use) instead of "
+                          "the base model; it must share the adapter's base."},
+    )
     output: str = field(default="eval_results.json", metadata={"help": "Where to write the JSON results."})
 
 
@@ -61,18 +70,6 @@ def split_reference(example: Example) -> tuple[list[dict], str]:
     """The conversation before its last assistant turn, and that turn's text as the reference."""
     last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
     return example.messages[:last], example.messages[last]["content"]
-
-
-@functools.cache
-def _rouge_scorer():
-    from rouge_score import rouge_scorer  # imported on first use: it is slow to import
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-
-
-def rouge_l(reference: str, reply: str) -> float:
-    """ROUGE-L F1 of `reply` against `reference` (stemmed): the reply score of train.eval and train.sampling."""
-    return _rouge_scorer().score(reference, reply)["rougeL"].fmeasure
 
 
 def replies(
@@ -95,17 +92,9 @@ def replies(
         return list(tqdm(pool.map(answer, contexts), total=len(contexts), desc=desc, unit="row"))
 
 
-@torch.inference_mode()
-def row_nll(chat: ChatModel, example: Example, max_length: int) -> tuple[float, int]:
+def row_nll(chat: ChatModel, example: Example, max_length: int, use_adapter: bool = True) -> tuple[float, int]:
     """Summed loss and token count over the assistant turns of one example (teacher forcing)."""
-    encoded = encode_chat(chat.tokenizer, example.messages, max_length=max_length)
-    device = next(chat.model.parameters()).device
-    batch = {
-        "input_ids": torch.tensor([encoded.input_ids], device=device),
-        "labels": torch.tensor([encoded.labels], device=device),
-    }
-    total, count, _ = masked_nll(chat.model, batch)
-    return float(total), int(count)
+    return reply_nll(chat, example.messages, max_length=max_length, use_adapter=use_adapter)
 
 
 def score(
@@ -132,9 +121,7 @@ def score(
     examples = [replace(e, messages=messages_for(e.messages, text)) for e in rows]
     nll, tokens = 0.0, 0
     for example in tqdm(examples, desc=f"{desc}, perplexity", unit="row"):
-        # The model's lock: the generation engine may be inside disable_adapter() on its own thread.
-        with chat.lock, chat.model.disable_adapter() if chat.adapter and not use_adapter else nullcontext():
-            loss, count = row_nll(chat, example, max_length)
+        loss, count = row_nll(chat, example, max_length, use_adapter)
         nll, tokens = nll + loss, tokens + count
 
     contexts = [split_reference(example)[0] for example in examples]
@@ -158,6 +145,8 @@ def table(results: dict[str, dict]) -> str:
     """A readable table: one line per model."""
     lines = [f"{'model':<10} {'perplexity':>11} {'ROUGE-L':>8} {'BLEU':>7}"]
     for name, r in results.items():
+        if name == "comparison":
+            continue
         lines.append(f"{name:<10} {r['perplexity']:>11.3f} {r['rouge_l']:>8.4f} {r['bleu']:>7.2f}")
     return "\n".join(lines)
 
@@ -170,20 +159,43 @@ def evaluate(config: EvalConfig) -> dict[str, dict]:
     kwargs = {"max_new_tokens": config.max_new_tokens, "max_length": config.max_length}
     if config.system_prompt is not None:
         kwargs["system"] = TrainedPrompt(read_system_prompt(config.system_prompt), "--system-prompt")
-    results = {"base": score(chat, rows, use_adapter=False, desc="base", **kwargs)}
+    if config.compare and not config.adapter:
+        raise SystemExit("--compare needs --adapter DIR: the model to compare with the base (or --against)")
+    if config.against:
+        other = load_chat_model(config.base_model, adapter=config.against, precision=config.precision)
+        results = {"against": score(other, rows, desc="against", **kwargs)}
+    else:
+        results = {"base": score(chat, rows, use_adapter=False, desc="base", **kwargs)}
     if config.adapter:
         results["adapter"] = score(chat, rows, desc="adapter", **kwargs)
+    if config.compare:
+        results["comparison"] = comparison(results["against" if config.against else "base"], results["adapter"],
+                                           "against" if config.against else "base")
     return results
+
+
+def comparison(a: dict, b: dict, name_a: str = "base", name_b: str = "adapter") -> dict:
+    """B against A on the same rows (assistant.scoring.compare on ROUGE-L), the worse rows with their replies."""
+    result = compare([r["rouge_l"] for r in a["rows"]], [r["rouge_l"] for r in b["rows"]])
+    out = result.to_dict()
+    out["worse"] = [{**w, "prompt": a["rows"][w["index"]]["prompt"], "reference": a["rows"][w["index"]]["reference"],
+                     f"reply_{name_a}": a["rows"][w["index"]]["reply"], f"reply_{name_b}": b["rows"][w["index"]]["reply"]}
+                    for w in result.worse]
+    return {"metric": "rouge_l", "a": name_a, "b": name_b, "description": result.describe(name_a, name_b, "ROUGE-L"),
+            **out}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: table to the terminal, JSON to --output."""
     configure(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
-    config = parse_with_positional(EvalConfig, argv, "data", "python -m train.eval DATA [--adapter DIR]")
+    config = parse_with_positional(EvalConfig, argv, "data",
+                                   "python -m train.eval DATA [--adapter DIR] [--compare [--against DIR]]")
     results = evaluate(config)
     Path(config.output).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     print(table(results))
+    if "comparison" in results:
+        print(results["comparison"]["description"])
     print(f"results written to {config.output}")
     return 0
 

@@ -4,7 +4,7 @@ Candidates: greedy decoding and sampling at the app's default temperature (Gener
 screen's slider starts at), each with repetition penalty 1.0, 1.05 and 1.1. Every candidate answers the
 same rows through the serving path (train.eval.replies: the trained system prompt by `messages_for`, the
 batch engine) and is scored by the mean ROUGE-L F1 of its replies against the rows' reference replies
-(train.eval.rouge_l). The winner is returned as generation_config.json fields (SAMPLING_FIELDS); the
+(assistant.scoring.rouge_l). The winner is returned as generation_config.json fields (SAMPLING_FIELDS); the
 settings measured are `GenerationParams.resolve(fields)`, exactly what the server applies to a request
 that leaves them unset. train.sft writes the winner into the adapter folder (--generation-rows).
 """
@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 
 from assistant.generation import GenerationParams
 from assistant.loading import ChatModel
-from train.eval import replies, rouge_l, split_reference
+from assistant.scoring import rouge_l
+from train.eval import replies, split_reference
 from train.records import Example
 
 logger = logging.getLogger(__name__)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer
 
-from assistant.chat_format import IGNORE_INDEX
+from assistant.likelihood import masked_nll
 
 
 def peft_config(
@@ -37,24 +36,6 @@ def peft_config(
     if method == "prefix":
         return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual_tokens)
     raise ValueError(f"--method must be lora or prefix, got {method!r}")
-
-
-def masked_nll(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, object]:
-    """Summed next-token cross-entropy over labelled tokens, their count, and the model outputs.
-
-    Only positions whose next token carries a label go through the LM head (`logits_to_keep`).
-    """
-    inputs = dict(inputs)
-    labels = inputs.pop("labels")
-    targets = labels[:, 1:]  # position p predicts token p + 1
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
-    logits = outputs.logits.float()
-    kept = targets[:, keep].to(logits.device)
-    total = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), kept.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return total, (kept != IGNORE_INDEX).sum(), outputs
 
 
 class ChatTrainer(Trainer):
