@@ -8,6 +8,8 @@ ASSISTANT_AUTH        user:password to require a login (default: open)
 ASSISTANT_API_KEY     bearer key for the /chat and /v1 APIs (default: none, and then a Space, bound to
                       0.0.0.0, answers them to nobody: the browser UI is unaffected)
 ASSISTANT_ADAPTERS_DIR  folder of more adapters for the menu (default: adapters)
+ASSISTANT_ALIAS       the model alias whose model is served by default while it is set (default: production;
+                      python -m serve.promote or POST /v1/aliases/production/promote moves it, no restart)
 ASSISTANT_RETAIN_DAYS delete stored completions and feedback older than this many days (default: keep)
 Binds 0.0.0.0:7860 on a Space ($SPACE_ID) or where $GRADIO_SERVER_NAME / $GRADIO_SERVER_PORT say.
 """
@@ -53,6 +55,7 @@ def config_from_env() -> ChatConfig:
         port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
         # A Space has no adapters/ folder, so there the menu offers the base model and the adapter above.
         adapters_dir=os.environ.get("ASSISTANT_ADAPTERS_DIR", "adapters"),
+        alias=os.environ.get("ASSISTANT_ALIAS", "production"),
         jobs_dir=os.environ.get("ASSISTANT_JOBS_DIR", "jobs"),
         # Stored completions: $ASSISTANT_DATABASE_URL (read by ServerConfig.database), and who sees them all.
         admins=os.environ.get("ASSISTANT_ADMINS", ""),

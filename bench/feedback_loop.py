@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -60,6 +61,8 @@ class FeedbackLoopConfig:
     valid_rows: int = field(default=100, metadata={"help": "Validation pairs scored before and after."})
     max_new_tokens: int = field(default=64, metadata={"help": "Reply length of the stored chats and of the scoring."})
     train_args: str = field(default="", metadata={"help": "Extra train.sft arguments for the first adapter."})
+    adapter: str | None = field(default=None, metadata={"help": "Start from this adapter folder (trained on the first "
+                                                               "--train-rows pairs) instead of training one."})
     work_dir: str | None = field(default=None, metadata={"help": "Folder for data, adapters and jobs (default: temp)."})
     timeout: float = field(default=7200.0, metadata={"help": "Seconds allowed for each training run and scoring."})
     output: str = field(default=str(RESULTS / f"{NAME}.json"), metadata={"help": "Where the results JSON goes."})
@@ -152,10 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     adapter = fresh(adapters / ADAPTER)
 
     # 1. The adapter in use (train.sft holds out its default share: the scored rows stay unseen).
-    cmd = [sys.executable, "-m", "train.sft", str(write_rows(first, work / "train.jsonl")), "--output-dir",
-           str(adapter), *shlex.split(config.train_args)]
-    run = run_measured(cmd, timeout=config.timeout)
-    check(run, "train.sft")
+    if config.adapter:
+        shutil.copytree(config.adapter, adapter)
+    else:
+        cmd = [sys.executable, "-m", "train.sft", str(write_rows(first, work / "train.jsonl")), "--output-dir",
+               str(adapter), *shlex.split(config.train_args)]
+        check(run_measured(cmd, timeout=config.timeout), "train.sft")
     before = score_run(config, adapter, valid)
     log(f"before: ROUGE-L {before['rouge_l']}, perplexity {before['perplexity']}")
 

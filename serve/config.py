@@ -106,6 +106,11 @@ class ServerConfig:
                           "ago, when the server starts and then daily (unset: keep them; `python -m "
                           "serve.feedback prune --retain-days N` does it once)."},
     )
+    alias: str = field(
+        default="production",
+        metadata={"help": "The model alias (python -m serve.promote) whose model the app, /chat and /v1 serve by "
+                          "default while it is set (followed without a restart); '' for none."},
+    )
     admins: str = field(
         default="",
         metadata={"help": "Comma-separated user names (of the --auth-file login) that see and manage every "

@@ -11,6 +11,7 @@ import json
 import logging
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,20 +46,24 @@ class DoctorReport:
         return text
 
 
-def command(data: str | Path, base_model: str, system_prompt_file: str | Path | None = None) -> list[str]:
-    """The doctor's command line, every path absolute."""
+def command(data: str | Path, base_model: str, system_prompt_file: str | Path | None = None,
+            kind: str = "auto") -> list[str]:
+    """The doctor's command line, every path absolute (`kind`: what the file must hold, train.check --kind)."""
     argv = [sys.executable, "-m", "train.check", str(Path(data).absolute()), "--base-model", model_arg(base_model),
-            "--json"]
+            "--json", "--kind", kind]
     if system_prompt_file is not None:
         argv += ["--system-prompt", f"@{Path(system_prompt_file).absolute()}"]
     return argv
 
 
 def diagnose(data: str | Path, base_model: str, system_prompt_file: str | Path | None = None,
-             timeout: float = TIMEOUT_S) -> DoctorReport:
+             timeout: float = TIMEOUT_S, kind: str = "auto", items_file: Path | None = None) -> DoctorReport:
     """The doctor's report on `data` for `base_model`'s tokenizer and chat template (`system_prompt_file`: the
-    prompt for rows without one)."""
-    argv = command(data, base_model, system_prompt_file)
+    prompt for rows without one; `kind`: "sft", "preference" or "auto", as its first row is; `items_file`: where
+    it also writes the conversations as eval items, train.check --eval-items)."""
+    argv = command(data, base_model, system_prompt_file, kind)
+    if items_file is not None:
+        argv += ["--eval-items", str(Path(items_file).absolute())]
     try:
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                               env=env())
@@ -71,6 +76,18 @@ def diagnose(data: str | Path, base_model: str, system_prompt_file: str | Path |
         logger.warning("the dataset doctor failed on %s (exit %s): %s", data, done.returncode, done.stderr[-2000:])
         return DoctorReport(False, (f"error: the dataset doctor failed: {tail[0]}",))
     return report
+
+
+def eval_items(data: str | Path, base_model: str, max_rows: int = 0) -> tuple[DoctorReport, list[dict]]:
+    """The doctor's report on a held-out file and, when it accepts it, its conversations as eval items
+    ({"messages", "reference"}; the first `max_rows`, 0: all)."""
+    with tempfile.TemporaryDirectory(prefix="eval-items-") as folder:
+        path = Path(folder) / "items.jsonl"
+        report = diagnose(data, base_model, kind="sft", items_file=path)
+        if not report.ok:
+            return report, []
+        items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return report, items[:max_rows] if max_rows else items
 
 
 def _parse(stdout: str) -> DoctorReport | None:

@@ -37,7 +37,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from serve.access import AccessPolicy
 from serve.files import FileError
 from serve.http import APIError, Gate, api_router, limited_stream, read_body
-from serve.job_spec import HYPERPARAMETERS, PARAMS, JobSpec, JobSpecError, job_spec
+from serve.job_spec import HYPERPARAMETERS, PARAMS, TRAINING, JobSpec, JobSpecError, job_spec
 from serve.jobs import ACTIVE, Job, JobError, JobRunner
 from serve.openai_api import MAX_BODY_BYTES
 from serve.openai_schema import describe
@@ -68,19 +68,37 @@ class Supervised(_Strict):
     hyperparameters: Hyperparameters | None = None
 
 
+class DPOHyperparameters(Hyperparameters):
+    """OpenAI's DPO hyperparameters: the supervised ones and `beta`."""
+
+    beta: Any = None
+
+
+class DPO(_Strict):
+    """`method.dpo`."""
+
+    hyperparameters: DPOHyperparameters | None = None
+
+
 class Method(_Strict):
-    """`method`: only supervised fine-tuning is trained here."""
+    """`method`: supervised fine-tuning (train.sft) or preference tuning (train.dpo)."""
 
     type: str = "supervised"
     supervised: Supervised | None = None
+    dpo: DPO | None = None
 
     @field_validator("type")
     @classmethod
-    def _supervised_only(cls, value: str) -> str:
-        if value != "supervised":
-            raise PydanticCustomError("unsupported", "only 'supervised' fine-tuning is supported here, not {kind}",
-                                      {"kind": repr(value)})
+    def _known(cls, value: str) -> str:
+        if value not in TRAINING:
+            raise PydanticCustomError("unsupported", "only {kinds} fine-tuning is supported here, not {kind}",
+                                      {"kinds": " or ".join(map(repr, TRAINING)), "kind": repr(value)})
         return value
+
+    def hyperparameters(self) -> tuple[Hyperparameters | None, str]:
+        """The hyperparameters under `method.<type>`, and where they sit."""
+        inner = getattr(self, self.type)
+        return (inner.hyperparameters if inner is not None else None), f"method.{self.type}.hyperparameters"
 
 
 class AdapterOptions(_Strict):
@@ -108,16 +126,18 @@ class JobRequest(_Strict):
 
     def spec(self) -> JobSpec:
         """The job's checked settings; APIError naming the field (as `param`) when one is out of the contract."""
-        inner = self.method.supervised.hyperparameters if self.method and self.method.supervised else None
+        method = self.method or Method()
+        inner, where = method.hyperparameters()
         if inner is not None and self.hyperparameters is not None:
-            raise APIError(400, "Give hyperparameters either at the top level or in "
-                                "method.supervised.hyperparameters, not both.", param="hyperparameters")
-        where = "method.supervised.hyperparameters" if inner is not None else "hyperparameters"
+            raise APIError(400, f"Give hyperparameters either at the top level or in {where}, not both.",
+                           param="hyperparameters")
+        where = where if inner is not None else "hyperparameters"
         hyper = inner or self.hyperparameters or Hyperparameters()
         adapter = self.adapter or AdapterOptions()
-        params = {**PARAMS, **{name: f"{where}.{name}" for name in HYPERPARAMETERS}}
+        params = {**PARAMS, **{name: f"{where}.{name}" for name in (*HYPERPARAMETERS, "beta")}}
         try:
-            return job_spec(params, **hyper.model_dump(), method=adapter.type, suffix=self.suffix, seed=self.seed,
+            return job_spec(params, **hyper.model_dump(), training=method.type, suffix=self.suffix, seed=self.seed,
+                            method=adapter.type,
                             time_budget_minutes=adapter.time_budget_minutes, max_steps=adapter.max_steps,
                             system_prompt=adapter.system_prompt, redact=adapter.redact)
         except JobSpecError as error:
@@ -125,7 +145,8 @@ class JobRequest(_Strict):
 
 
 _FIELDS = frozenset(
-    name for model in (JobRequest, Hyperparameters, Method, Supervised, AdapterOptions) for name in model.model_fields
+    name for model in (JobRequest, Hyperparameters, DPOHyperparameters, Method, Supervised, DPO, AdapterOptions)
+    for name in model.model_fields
 )
 
 

@@ -78,6 +78,8 @@ class Job:
     max_steps: int | None = None  # 0 or None: no cap
     system_prompt: str | None = None
     redact: bool = False  # train.sft --redact
+    training: str = "supervised"  # OpenAI's method.type: "supervised" (train.sft) or "dpo" (train.dpo)
+    beta: float | None = None  # DPO's beta (train.dpo --beta)
     status: str = "validating_files"
     error: dict | None = None  # {"code", "message", "param"}
     fine_tuned_model: str | None = None  # the adapter's name in the app once it succeeded
@@ -101,12 +103,8 @@ class Job:
             "error": self.error,
             "training_file": self.training_file,
             "validation_file": self.validation_file,
-            "hyperparameters": {
-                "n_epochs": self.n_epochs if self.n_epochs is not None else "auto",
-                "batch_size": self.batch_size if self.batch_size is not None else "auto",
-                "learning_rate_multiplier": self.learning_rate_multiplier or "auto",
-            },
-            "method": {"type": "supervised"},
+            "hyperparameters": _openai_hyperparameters(self),
+            "method": self.method_object(),
             "adapter": {"type": self.method, "time_budget_minutes": self.time_budget_minutes,
                         "max_steps": self.max_steps or None},
             "suffix": self.suffix,
@@ -117,6 +115,22 @@ class Job:
             "estimated_finish": None,
             "integrations": [],
         }
+
+    def method_object(self) -> dict:
+        """OpenAI's `method`: {"type": "supervised" | "dpo", <type>: {"hyperparameters": {...}}}."""
+        hyper = _openai_hyperparameters(self)
+        if self.training == "dpo":
+            hyper["beta"] = self.beta if self.beta is not None else "auto"
+        return {"type": self.training, self.training: {"hyperparameters": hyper}}
+
+
+def _openai_hyperparameters(job: Job) -> dict:
+    """The job's hyperparameters as OpenAI writes them ("auto" for a default)."""
+    return {
+        "n_epochs": job.n_epochs if job.n_epochs is not None else "auto",
+        "batch_size": job.batch_size if job.batch_size is not None else "auto",
+        "learning_rate_multiplier": job.learning_rate_multiplier or "auto",
+    }
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -262,7 +276,8 @@ class JobRunner:
         for param, file_id in files:  # the validation file too: a bad one would only fail after training
             what = param.replace("_", " ")
             self._event(job, f"Validating the {what}")
-            report = diagnose(self.files.path(file_id), self.base_for(job.model), self._prompt_file(job))
+            report = diagnose(self.files.path(file_id), self.base_for(job.model), self._prompt_file(job),
+                              kind="preference" if job.training == "dpo" else "sft")
             with self.lock:
                 job = self.get(job_id)
                 if job.status != "validating_files":  # cancelled meanwhile
@@ -300,14 +315,17 @@ class JobRunner:
                 self._finish(job.id, "failed", {"code": "runner_error", "message": str(error), "param": None})
 
     def train_command(self, job: Job) -> list[str]:
-        """train.sft's command line for `job`: every path absolute, the system prompt as the job's file."""
+        """train.sft's (train.dpo's for a DPO job) command line for `job`: every path absolute, the system prompt as
+        the job's file."""
         folder = self.root / job.id
+        dpo = job.training == "dpo"
         command = [
-            sys.executable, "-m", "train.sft", str(self.files.path(job.training_file).absolute()),
+            sys.executable, "-m", "train.dpo" if dpo else "train.sft", str(self.files.path(job.training_file).absolute()),
             "--output-dir", str(self.adapters_dir / job.output_name),
             "--events-file", str(folder / TRAIN_EVENTS),
             "--method", job.method, "--seed", str(job.seed), "--base-model", self.base_for(job.model),
         ]
+        command += ["--beta", str(job.beta)] if dpo and job.beta is not None else []
         if job.validation_file:
             command += ["--valid-file", str(self.files.path(job.validation_file).absolute())]
         parent = self.adapter_for(job.model)

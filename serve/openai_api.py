@@ -5,6 +5,10 @@ arrive together are generated in one batch, and a client that disconnects stops 
 (streaming or not). Bodies are size-limited and validated (serve.openai_schema) before any model
 work; who may call is serve.access's rule. With `store: true` the completion is kept (serve.store, for the
 caller serve.access.caller names) once its reply is complete; serve.stored_api serves it back.
+
+A model alias (serve.promotion, e.g. `production`) is a model id too: /v1/models lists it with `alias_of`, its
+model now, and a request for it is served by that model, named once when the request starts (a reply keeps its
+model while the alias moves) and named in the reply's `model`.
 """
 
 from __future__ import annotations
@@ -28,12 +32,12 @@ from assistant.generation import stream_reply
 from serve.access import AccessPolicy
 from serve.http import APIError, Gate, api_router, read_body
 from serve.openai_schema import InvalidRequest, validate_chat
+from serve.promotion import BASE_ID
 from serve.registry import BASE_CHOICE, ModelRegistry
 from serve.store import Store
 
 logger = logging.getLogger(__name__)
 
-BASE_ID = "base"
 MAX_BODY_BYTES = 1024 * 1024  # default body limit (ServerConfig.max_request_kb)
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
@@ -61,8 +65,12 @@ class OpenAIServer:
         self.router.add_api_route("/chat/completions", self.completions, methods=["POST"])
 
     def model_ids(self) -> list[str]:
-        """Ids a client may pass as `model`."""
-        return [BASE_ID, *self.registry.adapters]
+        """Ids a client may pass as `model`: the base model, the adapters, the aliases whose model is one of them."""
+        return model_ids(self.registry)
+
+    def _aliases(self) -> dict[str, str]:
+        # Alias -> model id; a stand-in registry without aliases (tests, a remote front end) has none.
+        return getattr(self.registry, "aliases", {})
 
     async def models(self, request: Request):
         """GET /v1/models; each adapter's object also says the system prompt it was trained with and its
@@ -71,10 +79,13 @@ class OpenAIServer:
 
     def _model_objects(self) -> list[dict]:
         created = int(time.time())
-        objects = []
+        objects, aliases = [], self._aliases()
         for model in self.model_ids():
-            choice = BASE_CHOICE if model == BASE_ID else model
+            target = aliases.get(model, model)
+            choice = BASE_CHOICE if target == BASE_ID else target
             item = {"id": model, "object": "model", "created": created, "owned_by": "local"}
+            if model in aliases:
+                item["alias_of"] = target
             trained = self.registry.trained_prompt(choice)
             if trained is not None and trained.text is not None:
                 item["trained_system_prompt"] = trained.text
@@ -118,8 +129,10 @@ class OpenAIServer:
         messages = req.plain_messages()
         if messages[-1]["role"] != "user":
             raise APIError(400, "the last message must come from the user", param="messages")
+        # An alias names its model once, here: the reply is that model's even if the alias moves meanwhile.
+        model = self._aliases().get(req.model, req.model)
         try:
-            chat = self.registry.get(BASE_CHOICE if req.model == BASE_ID else req.model)
+            chat = self.registry.get(BASE_CHOICE if model == BASE_ID else model)
         except LookupError as error:  # removed or broken since it was listed
             raise self._no_model(req.model, str(error)) from None
         messages = messages_for(messages, chat.trained_prompt)  # the one prompt rule
@@ -136,7 +149,7 @@ class OpenAIServer:
             )
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            "model": req.model,
+            "model": model,
             "chat": chat,
             "messages": messages,
             "params": params,
@@ -156,6 +169,8 @@ class OpenAIServer:
     def _no_model(self, model: str, reason: str | None = None) -> APIError:
         unavailable = getattr(self.registry, "unavailable", {}).get(model)  # a listed folder that cannot load
         reason = reason or (unavailable.describe() if unavailable else None)
+        if reason is None and model in (aliases := self._aliases()):
+            reason = f"it is an alias of {aliases[model]!r}, which is not served; promote another model to it"
         return APIError(
             404,
             f"The model '{model}' does not exist" + (f" or cannot be served ({reason})" if reason else "")
@@ -282,6 +297,13 @@ class OpenAIServer:
             # Disconnect or cancellation: stop this request's row of the batch at its next token.
             call["cancel"].set()
             await asyncio.shield(run_in_threadpool(pieces.close))
+
+
+def model_ids(registry: ModelRegistry) -> list[str]:
+    """The model ids a registry serves: "base", its adapters, and the aliases whose model is one of them."""
+    models = [BASE_ID, *registry.adapters]
+    aliases = getattr(registry, "aliases", {})  # a stand-in registry without aliases (tests, a remote front end)
+    return [*models, *(alias for alias, target in aliases.items() if target in models)]
 
 
 def _usage(call: dict, content: str) -> dict:

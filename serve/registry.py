@@ -5,6 +5,10 @@ publishes appears without a restart (hidden and `*.partial*` staging folders nev
 that is published again into the same folder is attached anew. A folder that cannot be served (a
 broken `adapter_config.json`, missing weights, a failed load) is listed as unavailable with its
 reason; every other choice keeps working, and a failed load is not retried until the folder changes.
+
+Aliases (serve.promotion) are read from the same folder on the same scan: a choice (or API model id) that is an
+alias names its target at the moment it is resolved, so a request keeps the model it began with while the alias
+moves, and the serving alias (`production` by default), when set, is the default choice.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from assistant.adapters import TrainedPrompt, find_adapters, read_folder
 from assistant.generation import GenerationParams, stream_reply
 from assistant.loading import ChatModel, Host, base_of, chat_model, generation_defaults_of, load_host
 from assistant.models import pick_precision
+from serve.promotion import BASE_ID, DEFAULT_ALIAS, read_aliases
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +67,11 @@ class ModelRegistry:
         base_model: str | None = None,
         precision: str = "auto",
         default: str | None = None,
+        alias: str | None = DEFAULT_ALIAS,
     ):
+        # alias: the alias (serve.promotion) whose model is the default choice when it is set; None: none.
+        self.alias = alias
+        self._aliases: dict[str, str] = {}
         self.adapters_dir = Path(adapters_dir) if adapters_dir else None
         self.extra = [Path(e) for e in extra]
         for folder in self.extra:  # a typo on the command line stops the start, with the reason
@@ -104,9 +113,31 @@ class ModelRegistry:
         """List the adapters folder again now (a fine-tuning job has just published an adapter)."""
         self._scan(force=True)
 
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Alias -> model id ("base" or an adapter's name) from the adapters folder's alias file, as last scanned;
+        an alias that an adapter folder of the same name hides is left out (the adapter wins)."""
+        self._scan()
+        return dict(self._aliases)
+
+    def resolve(self, model: str) -> str:
+        """The model id an API model id names now: an alias's target, else the id itself."""
+        return self.aliases.get(model, model)
+
+    def choice_of(self, model: str) -> str:
+        """The menu choice of an API model id (an alias resolved now): "base" is the base model."""
+        target = self.resolve(model)
+        return BASE_CHOICE if target == BASE_ID else target
+
     def default_choice(self) -> str:
-        """The default adapter (first --adapter), else the first adapter listed, else the base model."""
+        """The serving alias's model when it is set and can be served, else the default adapter (first
+        --adapter), else the first adapter listed, else the base model."""
         adapters = self.adapters
+        target = self._aliases.get(self.alias) if self.alias else None
+        if target is not None:
+            choice = BASE_CHOICE if target == BASE_ID else target
+            if choice == BASE_CHOICE or choice in adapters:
+                return choice
         if self.default in adapters or self.default == BASE_CHOICE:
             return self.default
         return next(iter(adapters), BASE_CHOICE)
@@ -136,17 +167,31 @@ class ModelRegistry:
                 listed[label] = folder
             else:
                 unavailable[label] = Unavailable(folder, problem)
+        found = read_aliases(self.adapters_dir)
+        aliases = {a: t for a, t in found.items() if a not in listed and a not in unavailable and a not in (BASE_CHOICE, BASE_ID)}
         with self._lock:
             if unavailable.keys() != self._unavailable.keys():
                 for label, item in unavailable.items():
                     logger.warning("adapter %r is unavailable: %s", label, item.describe())
-            self._listed, self._unavailable, self._scanned_at = listed, unavailable, now
+            if aliases != self._aliases:
+                logger.info("aliases: %s", ", ".join(f"{a} -> {t}" for a, t in aliases.items()) or "none")
+                for alias in found.keys() - aliases.keys():
+                    logger.warning("alias %r is hidden by the adapter folder of the same name", alias)
+            self._listed, self._unavailable, self._aliases, self._scanned_at = listed, unavailable, aliases, now
 
     # -- models --------------------------------------------------------------------------------------
     def get(self, choice: str | None) -> ChatModel:
-        """The ChatModel for a menu choice, loading its base and attaching its adapter if needed."""
-        choice = choice or self.default_choice()
-        folder = self._folder(choice)
+        """The ChatModel for a menu choice (or an alias: its model now), loading its base and attaching its
+        adapter if needed."""
+        asked, choice = choice, self._choice(choice)
+        try:
+            folder = self._folder(choice)
+        except ChoiceError as error:
+            if asked and asked != choice and asked != BASE_CHOICE:  # an alias whose model is gone
+                raise ChoiceError(f"alias {asked!r} points to {choice!r}, which cannot be served ({error}); promote "
+                                  "another model to it or roll it back (python -m serve.promote)",
+                                  error.unavailable) from None
+            raise
         signature = read_folder(folder).signature if folder else ()
         with self._loading[choice]:  # two first requests must not load the same choice twice
             cached = self._models.get(choice)
@@ -168,6 +213,17 @@ class ModelRegistry:
             with self._lock:
                 self._models[choice] = (signature, chat)
             return chat
+
+    def _choice(self, choice: str | None) -> str:
+        """A menu choice: the default one for None, an alias's model for an alias, else `choice` itself."""
+        if not choice:
+            return self.default_choice()
+        if choice == BASE_CHOICE or choice in self.adapters:
+            return choice
+        target = self._aliases.get(choice)
+        if target is None:
+            return choice
+        return BASE_CHOICE if target == BASE_ID else target
 
     def _folder(self, choice: str) -> Path | None:
         """The adapter folder of a choice (None: the base model); ChoiceError if it cannot be served."""
@@ -194,7 +250,7 @@ class ModelRegistry:
 
     def trained_prompt(self, choice: str | None) -> TrainedPrompt | None:
         """The system prompt the chosen adapter was trained with (None: base model or not recorded)."""
-        folder = self.adapters.get(choice or self.default_choice())
+        folder = self.adapters.get(self._choice(choice))
         if folder is None and self.base_model and Path(self.base_model).is_dir():  # a merged model as base
             return read_folder(self.base_model).prompt
         return read_folder(folder).prompt if folder else None
@@ -202,7 +258,7 @@ class ModelRegistry:
     def generation_defaults(self, choice: str | None) -> dict:
         """The sampling settings a choice is served with when a caller leaves them unset (its folder's
         generation_config.json, else its base model's), without loading it when it is not loaded yet."""
-        choice = choice or self.default_choice()
+        choice = self._choice(choice)
         cached = self._models.get(choice)
         if cached is not None:
             return cached[1].generation_defaults
@@ -218,7 +274,7 @@ class ModelRegistry:
 
     def describe(self, choice: str | None) -> str:
         """Status line: what serves this choice, with device and precision (and what cannot be served)."""
-        choice = choice or self.default_choice()
+        choice = self._choice(choice)
         cached = self._models.get(choice)
         if cached is not None:
             line = cached[1].describe()

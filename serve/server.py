@@ -22,7 +22,9 @@ from serve.files import FileStore
 from serve.fine_tuning_api import FineTuningServer, training_off_router
 from serve.http import Gate
 from serve.jobs import JobError, JobRunner
-from serve.openai_api import BASE_ID, OpenAIServer
+from serve.openai_api import BASE_ID, OpenAIServer, model_ids
+from serve.promotion import Promotions, evidence_from
+from serve.promotion_api import PromotionServer
 from serve.registry import BASE_CHOICE, ModelRegistry
 from serve.remote import RemoteRegistry
 from serve.store import Store, StoreError
@@ -65,9 +67,29 @@ class Server:
                 atexit.register(self._evals.close)
             return self._evals
 
+    @property
+    def promotions(self) -> Promotions:
+        """The model aliases of this server's adapters folder (serve.promotion), gated by its evals."""
+        registry = self.registry
+        return Promotions(
+            self.config.adapters_dir, models=lambda: [BASE_ID, *registry.adapters],  # models, not aliases
+            default=self.model_in_use,
+            evidence=evidence_from(self.config.jobs_dir), on_change=getattr(registry, "rescan", None),
+        )
+
     def resolve(self, model: str):
-        """The ChatModel an API model id names, and the name it resolved to (at the time of asking)."""
-        return self.registry.get(BASE_CHOICE if model == BASE_ID else model), model
+        """The ChatModel an API model id names (an alias resolved now), and the model id it resolved to."""
+        target = self.registry.resolve(model)
+        return self.registry.get(BASE_CHOICE if target == BASE_ID else target), target
+
+    def model_ids(self) -> list[str]:
+        """The ids an API client may pass as `model` (what /v1/models lists)."""
+        return model_ids(self.registry)
+
+    def model_in_use(self) -> str:
+        """The model id served by default: the serving alias's model when it is set."""
+        choice = self.registry.default_choice()
+        return BASE_ID if choice == BASE_CHOICE else choice
 
     @property
     def store(self) -> Store:
@@ -98,6 +120,7 @@ class Server:
         api = OpenAIServer(self.registry, self.access, max_body_bytes=body_limit, store=lambda: self.store)
         app.include_router(api.router)
         app.include_router(EvalsServer(self.evals.store, self.evals, api.model_ids, self.access).router)
+        app.include_router(PromotionServer(lambda: self.promotions, self.access, config.alias).router)
         app.include_router(StoredCompletionsServer(lambda: self.store, self.access, max_body_bytes=body_limit).router)
         if self.jobs is None:
             reason = ("Fine-tuning is turned off on this server (it was started with --no-training); start it "
@@ -117,7 +140,8 @@ def make_registry(config: ServerConfig) -> ModelRegistry | RemoteRegistry:
     """In-process models, or the models of the remote server given by --backend-url."""
     if config.backend_url:
         return RemoteRegistry(config.backend_url, config.backend_key())
-    return ModelRegistry(config.adapters_dir, config.adapter, base_model=config.base_model, precision=config.precision)
+    return ModelRegistry(config.adapters_dir, config.adapter, base_model=config.base_model, precision=config.precision,
+                         alias=config.alias or None)
 
 
 def job_runner(config: ServerConfig, registry=None, train_args: list[str] | None = None) -> JobRunner | None:

@@ -233,3 +233,36 @@ def test_a_run_whose_model_fails_to_load_fails_with_the_reason(client, app_serve
         "source": {"type": "file_content", "content": [{"item": {"question": "Hi", "answer": "Hello"}}]}})
     ended = service.evals.wait(created.id, run.id, timeout=60)
     assert ended["status"] == "failed" and "weights are corrupt" in ended["error"]["message"]
+
+
+@pytest.mark.slow
+def test_the_evaluate_tab_compares_a_candidate_with_the_model_in_use_on_a_held_out_file(app_server, support, tmp_path):
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    tab = app_server.demo.eval_tab
+    local = SimpleNamespace(client=SimpleNamespace(host="127.0.0.1"), headers={}, username=None, session_hash="t")
+    candidates, against = tab.menus()
+    assert support in candidates["choices"] and against["value"] == "base", "the model in use is preselected"
+    with pytest.raises(gr.Error, match="same model"):
+        tab.start("base", "base", str(DATA / "valid_pairs.jsonl"), 4, local)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Hi", "response": "Hello"}\n{"prompt": "Only a question"}\n')
+    with pytest.raises(gr.Error, match="bad.jsonl:2: missing field .response."):
+        tab.start(support, "base", str(bad), 0, local)
+
+    held_out = tmp_path / "held_out.jsonl"  # the rows the support adapter never saw, in train.sft's pair format
+    rows = [json.loads(line) for line in (DATA / "valid_pairs.jsonl").read_text().splitlines()][30:36]
+    held_out.write_text("".join(json.dumps({"prompt": r["prompt"], "response": PHRASE}) + "\n" for r in rows))
+    state = tab.start(support, "base", str(held_out), 0, local)
+    deadline = time.monotonic() + 600
+    while isinstance((shown := tab.show(state))[1], dict) and time.monotonic() < deadline:  # dict: gr.update()
+        assert "items" in shown[0] or "queued" in shown[0]
+        time.sleep(1)
+    description, summary, figure, worse, _ = shown
+    assert description.startswith(f"{support} vs base on 6 items")
+    assert list(summary["model"]) == ["base", support] and summary["mean ROUGE-L"][1] > summary["mean ROUGE-L"][0]
+    assert summary["reference perplexity"][1] < summary["reference perplexity"][0]
+    assert figure is not None and len(figure.axes) == 2
+    assert list(worse.columns)[:3] == ["item", "user asked", "reference"]

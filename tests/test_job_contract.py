@@ -97,7 +97,7 @@ def test_the_api_and_the_train_tab_refuse_the_same_input_with_the_same_message(r
 def test_a_typed_system_prompt_reaches_the_doctor_and_the_trainer_only_as_the_jobs_file(runner, monkeypatch):
     asked: list[tuple] = []
 
-    def doctor(data, base_model, system_prompt_file=None, timeout=0.0) -> DoctorReport:
+    def doctor(data, base_model, system_prompt_file=None, timeout=0.0, kind="auto") -> DoctorReport:
         asked.append((data, base_model, system_prompt_file))
         return DoctorReport(True, ("format: pairs (40 rows)",))
 
@@ -204,3 +204,41 @@ def test_train_sft_takes_a_learning_rate_multiplier_but_not_with_a_learning_rate
         with pytest.raises(SystemExit) as refused:
             parse_config(["d.jsonl", *argv])
         assert refused.value.code == 2 and "--learning-rate-multiplier" in capsys.readouterr().err
+
+
+def test_a_dpo_job_runs_train_dpo_with_its_beta_and_the_doctor_checks_preference_pairs(runner, monkeypatch):
+    kinds: list[str] = []
+
+    def doctor(data, base_model, system_prompt_file=None, timeout=0.0, kind="auto") -> DoctorReport:
+        kinds.append(kind)
+        return DoctorReport(True, ())
+
+    monkeypatch.setattr("serve.jobs.diagnose", doctor)
+    upload = runner.files.save((DATA / "prefs.jsonl").read_bytes(), "prefs.jsonl", "fine-tune")
+    api = FastAPI()
+    api.include_router(FineTuningServer(runner, AccessPolicy()).router)
+    body = {"model": "base", "training_file": upload.id,
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2}}}}
+    answer = TestClient(api, client=("127.0.0.1", 50000)).post("/v1/fine_tuning/jobs", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["method"] == {"type": "dpo", "dpo": {"hyperparameters": {
+        "beta": 0.25, "n_epochs": 2.0, "batch_size": 8, "learning_rate_multiplier": 1.0}}}
+    job = runner.get(answer.json()["id"])
+    wait_for(lambda: runner.get(job.id).status == "queued", 10, what="the doctor's verdict")
+    assert kinds == ["preference"], "a DPO job's file must hold preference pairs"
+    command = runner.train_command(job)
+    assert command[1:3] == ["-m", "train.dpo"] and command[command.index("--beta") + 1] == "0.25"
+    assert command[command.index("--epochs") + 1] == "2.0"
+    plain = runner.create(upload.id, job_spec())
+    supervised = runner.train_command(plain)
+    assert supervised[1:3] == ["-m", "train.sft"] and "--beta" not in supervised
+    assert runner.get(plain.id).to_openai()["method"]["type"] == "supervised"
+    wait_for(lambda: kinds[1:] == ["sft"], 10, what="the supervised job's doctor")
+    for values, param in (({"method": "prefix"}, "adapter.type"), ({"redact": True}, "adapter.redact"),
+                          ({"time_budget_minutes": 5}, "adapter.time_budget_minutes"),
+                          ({"beta": 0}, "method.dpo.hyperparameters.beta")):
+        with pytest.raises(JobSpecError) as refused:
+            job_spec(training="dpo", **values)
+        assert refused.value.param == param, refused.value
+    with pytest.raises(JobSpecError, match="must be one of supervised, dpo, not 'ppo'"):
+        job_spec(training="ppo")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import NEEDS_DATASETS
-from train.records import DataError, Example, load_examples
+from train.records import DataError, Example, load_examples, load_preferences
 
 DATA = Path(__file__).parent / "data"
 BAD = DATA / "bad"
@@ -302,3 +302,68 @@ def test_sample_and_valid_files_load():
     assert sample.formats == {"pairs": 240, "messages": 60}
     assert len(load_examples(DATA / "valid_pairs.jsonl").examples) == 40
     assert len(load_examples(DATA / "valid_chat.jsonl").examples) == 10
+
+
+def _write(tmp_path: Path, rows: list) -> Path:
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_preference_rows_load_in_both_formats(tmp_path):
+    user = [{"role": "user", "content": "Hi"}]
+    path = _write(tmp_path, [
+        {"input": {"messages": user}, "preferred_output": [{"role": "assistant", "content": "Hello!"}],
+         "non_preferred_output": [{"role": "assistant", "content": "Go away."}]},
+        {"prompt": "Hi", "system": "Be kind.", "chosen": "Hello!", "rejected": "Go away."},
+        {"prompt": user, "chosen": [{"role": "assistant", "content": "Hello!"}],
+         "rejected": [{"role": "assistant", "content": "Go away."}]},
+    ])
+    pairs = load_preferences(path).pairs
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        (user, "Hello!", "Go away."),
+        ([{"role": "system", "content": "Be kind."}, *user], "Hello!", "Go away."),
+        (user, "Hello!", "Go away."),
+    ]
+    assert [p.format for p in pairs] == ["openai_preference", "prompt_chosen_rejected", "prompt_chosen_rejected"]
+    # The doctor names the row's own fields when it finds personal data in them.
+    assert [n for _, _, n in pairs[0].scan_example().fields] == [
+        "input.messages[0].content", "preferred_output[0].content", "non_preferred_output[0].content"]
+
+
+def test_malformed_preference_rows_are_refused_by_line_and_field(tmp_path):
+    reply = [{"role": "assistant", "content": "Hello!"}]
+    path = _write(tmp_path, [
+        {"input": {"messages": [{"role": "user", "content": "Hi"}]}, "preferred_output": [{"role": "user",
+         "content": "Hello!"}], "non_preferred_output": reply},
+        {"input": {"messages": [{"role": "assistant", "content": "Hi"}]}, "preferred_output": "a",
+         "non_preferred_output": "b"},
+        {"prompt": "Hi", "chosen": "Hello!"},
+        {"prompt": "Hi", "chosen": "Same.", "rejected": "Same."},
+        {"prompt": "Hi", "response": "Hello!"},
+        {"input": {}, "preferred_output": [], "non_preferred_output": [{"role": "assistant", "content": 3}]},
+        "not json",
+    ])
+    with pytest.raises(DataError) as refused:
+        load_preferences(path)
+    assert refused.value.problems == [
+        f"{path}:1: field 'preferred_output[0].role' must be 'assistant', got 'user'",
+        f"{path}:2: field 'input.messages' ends with an assistant message; the conversation must end with the user "
+        "message the replies answer",
+        f"{path}:3: missing field 'rejected' (found keys: prompt, chosen)",
+        f"{path}:4: fields 'chosen' and 'rejected' are the same reply; a pair teaches a preference only when they "
+        "differ",
+        f"{path}:5: not a preference row: need 'input'/'preferred_output'/'non_preferred_output' (OpenAI's preference "
+        "rows) or 'prompt'/'chosen'/'rejected' (found keys: prompt, response)",
+        f"{path}:6: missing field 'input.messages' (found keys: none)",
+        f"{path}:6: field 'preferred_output' must be a list of one assistant message "
+        '([{"role": "assistant", "content": "..."}]), got a list of 0',
+        f"{path}:6: field 'non_preferred_output[0].content' must be a string, got int",
+        f"{path}:7: invalid JSON: Expecting value (column 1)",
+    ]
+
+
+def test_train_sft_points_a_preference_file_to_train_dpo(tmp_path):
+    path = _write(tmp_path, [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}])
+    with pytest.raises(DataError, match=r"prefs.jsonl:1: a preference row .* python -m train.dpo"):
+        load_examples(path)

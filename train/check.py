@@ -20,16 +20,20 @@ from assistant.embedded import EMBEDDED
 from assistant.models import load_tokenizer
 from assistant.pii import DEFAULT_REGION, NAMES, NOT_DETECTED, RegionError, check_region, describe, find
 from train.cli import parse_with_positional
+from train.eval import split_reference
 from train.features import (
     Features,
     encode_examples,
+    encode_pairs,
     read_system_prompt,
     trained_prompt_of,
     with_system_prompt,
+    with_system_prompt_pairs,
 )
-from train.records import DataError, Example, load_examples
+from train.records import DataError, Example, holds_preferences, load_examples, load_preferences
 
 MAX_SHOWN = 20  # fields with personal data listed one per line; the rest are counted
+UNCHECKED = {"checked": False, "counts": {}, "fields": [], "rows": 0, "not_detected": NOT_DETECTED, "seconds": 0.0}
 
 
 @dataclass
@@ -45,9 +49,20 @@ class CheckConfig:
     )
     max_length: int = field(default=1024, metadata={"help": "Tokens per example, as in train.sft."})
     example: int = field(default=0, metadata={"help": "Index of the example to show rendered."})
+    kind: str = field(
+        default="auto",
+        metadata={"help": "What the file must hold: 'sft' (conversations, train.sft), 'preference' (preference pairs, "
+                          "train.dpo) or 'auto' (as its first row is).", "choices": ["auto", "sft", "preference"]},
+    )
     phone_region: str = field(
         default=DEFAULT_REGION,
         metadata={"help": "Country (ISO 3166 code) whose phone numbers may be written without a country code."},
+    )
+    eval_items: str | None = field(
+        default=None,
+        metadata={"help": "Also write the file's conversations, when it can be trained on, as eval items to this JSONL "
+                          "file: {\"messages\": the conversation before its last assistant turn, \"reference\": that "
+                          "turn} per line (what the app's Evaluate tab runs)."},
     )
     json: bool = field(
         default=False,
@@ -146,8 +161,8 @@ def diagnose(config: CheckConfig, tokenizer=None) -> tuple[bool, list[str]]:
 
 def examine(config: CheckConfig, tokenizer=None) -> Diagnosis:
     """The doctor's full verdict on `config.data`."""
-    unchecked = {"checked": False, "counts": {}, "fields": [], "rows": 0, "not_detected": NOT_DETECTED,
-                 "seconds": 0.0}
+    if config.kind == "preference" or (config.kind == "auto" and holds_preferences(config.data)):
+        return examine_preferences(config, tokenizer)
     try:
         check_region(config.phone_region)
         loaded = load_examples(config.data)
@@ -157,11 +172,59 @@ def examine(config: CheckConfig, tokenizer=None) -> Diagnosis:
         prompt = trained_prompt_of(tokenizer, loaded.examples, system)
         features = encode_examples(tokenizer, with_system_prompt(loaded.examples, system), config.max_length)
     except (DataError, RegionError, TemplateError, OSError, UnicodeError) as error:
-        return Diagnosis(False, [f"error: {error}"], unchecked)
+        return Diagnosis(False, [f"error: {error}"], UNCHECKED)
     lines = report(config, features, loaded.formats, loaded.warnings, tokenizer, prompt, personal_data_lines(found))
     if not features.items:
         return Diagnosis(False, [*lines, "error: no example can be trained on"], found)
     return Diagnosis(True, [*lines, "ok: ready to train"], found)
+
+
+def examine_preferences(config: CheckConfig, tokenizer=None) -> Diagnosis:
+    """The doctor's verdict on a file of preference pairs (train.dpo's data)."""
+    try:
+        check_region(config.phone_region)
+        loaded = load_preferences(config.data)
+        found = personal_data([pair.scan_example() for pair in loaded.pairs], config.phone_region)
+        tokenizer = tokenizer or load_tokenizer(config.base_model)
+        system = read_system_prompt(config.system_prompt)
+        prompts = [Example(pair.prompt, pair.source, pair.format) for pair in loaded.pairs]
+        prompt = trained_prompt_of(tokenizer, prompts, system)
+        features = encode_pairs(tokenizer, with_system_prompt_pairs(loaded.pairs, system), config.max_length)
+    except (DataError, RegionError, TemplateError, OSError, UnicodeError) as error:
+        return Diagnosis(False, [f"error: {error}"], UNCHECKED)
+    stats = features.length_stats()
+    rejected = sum(len(item["rejected_ids"]) for item in features.items)
+    lines = [
+        f"file: {config.data}",
+        "format: " + ", ".join(f"{name} ({count} rows)" for name, count in loaded.formats.most_common())
+        + " (preference pairs, for python -m train.dpo)",
+        f"examples: {len(features.items)} trainable pairs, {len(features.dropped)} dropped, "
+        f"{len(features.truncated)} truncated",
+        f"tokens: {features.tokens} preferred + {rejected} non-preferred; preferred conversation per pair min "
+        f"{stats['min']}, mean {stats['mean']}, p95 {stats['p95']}, max {stats['max']} (--max-length {config.max_length})",
+        f"system prompt trained: {prompt.describe()}",
+        *[f"warning: {w}" for w in loaded.warnings],
+        *personal_data_lines(found),
+        *[f"truncated: {s}" for s in features.truncated], *[f"dropped: {s}" for s in features.dropped],
+    ]
+    if features.items:
+        item = features.items[min(config.example, len(features.items) - 1)]
+        rejected_item = {"input_ids": item["rejected_ids"], "labels": item["rejected_labels"]}
+        lines += [f"example {item['source']}, preferred (its reply in [[ ]]):", mark_trained(tokenizer, item),
+                  "non-preferred:", mark_trained(tokenizer, rejected_item)]
+    if not features.items:
+        return Diagnosis(False, [*lines, "error: no pair can be trained on"], found)
+    return Diagnosis(True, [*lines, "ok: ready to train (python -m train.dpo)"], found)
+
+
+def write_eval_items(data: str, output: str) -> int:
+    """Each conversation of `data` as an eval item (train.eval.split_reference's context and reference)."""
+    examples = load_examples(data).examples
+    with open(output, "w", encoding="utf-8") as out:
+        for example in examples:
+            context, reference = split_reference(example)
+            out.write(json.dumps({"messages": context, "reference": reference}, ensure_ascii=False) + "\n")
+    return len(examples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             found = examine(config)
         print(json.dumps({"ok": found.ok, "lines": found.lines, "personal_data": found.personal_data},
                          ensure_ascii=False))
+        if found.ok and config.eval_items:
+            write_eval_items(config.data, config.eval_items)
         return 0 if found.ok else 1
     ok, lines = diagnose(config)
     for line in lines:  # the report on stdout, its problems on stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from assistant.adapters import TrainedPrompt, messages_for, summarize_prompts
 from assistant.chat_format import encode_chat, template_default_system
-from train.records import Example
+from train.records import Example, Preference
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,32 @@ def encode_examples(tokenizer, examples: list[Example], max_length: int) -> Feat
             {"input_ids": encoded.input_ids, "labels": encoded.labels, "source": example.source}
         )
     return features
+
+
+def encode_pairs(tokenizer, pairs: list[Preference], max_length: int) -> Features:
+    """Encode each preference pair's preferred conversation (`input_ids`, `labels`), its non-preferred reply's
+    (`rejected_ids`, `rejected_labels`); a pair is dropped when either reply has no token within `max_length`."""
+    features = Features()
+    for pair in pairs:
+        chosen, rejected = (
+            encode_chat(tokenizer, [*pair.prompt, {"role": "assistant", "content": reply}], max_length=max_length)
+            for reply in (pair.chosen, pair.rejected)
+        )
+        if not chosen.trained_tokens or not rejected.trained_tokens:
+            features.dropped.append(pair.source)
+            logger.warning("%s: dropped, a reply has no token within --max-length %d", pair.source, max_length)
+            continue
+        if chosen.truncated or rejected.truncated:
+            features.truncated.append(pair.source)
+            logger.warning("%s: truncated to --max-length %d tokens", pair.source, max_length)
+        features.items.append({"input_ids": chosen.input_ids, "labels": chosen.labels, "source": pair.source,
+                               "rejected_ids": rejected.input_ids, "rejected_labels": rejected.labels})
+    return features
+
+
+def with_system_prompt_pairs(pairs: list[Preference], system: str | None) -> list[Preference]:
+    """Pairs with `system` as the system message of every prompt that has none (unchanged when None)."""
+    return [replace(p, prompt=messages_for(p.prompt, system)) for p in pairs]
 
 
 def read_system_prompt(value: str | None) -> str | None:

@@ -28,6 +28,13 @@ MARKERS = {
     "alpaca": ("instruction", "output"),
 }
 CSV_COLUMNS = {"pairs": {"prompt", "response"}, "alpaca": {"instruction", "output"}}
+# Preference (DPO) rows: OpenAI's fine-tuning format, and TRL's explicit-prompt one (text or messages).
+PREFERENCE_MARKERS = {
+    "openai_preference": ("preferred_output", "non_preferred_output"),
+    "prompt_chosen_rejected": ("chosen", "rejected"),
+}
+PREFERENCE_NEED = ("'input'/'preferred_output'/'non_preferred_output' (OpenAI's preference rows) or "
+                   "'prompt'/'chosen'/'rejected'")
 DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
@@ -138,9 +145,12 @@ def _alpaca(row: _Row) -> list[dict[str, str]] | None:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-def _turns(row: _Row, key: str, role_key: str, content_key: str, roles: dict) -> list[dict[str, str]] | None:
-    """Validate a list of turns (OpenAI messages or ShareGPT conversations) into chat messages."""
-    turns, before = row.row[key], len(row.problems)
+def _turns(row: _Row, key: str, role_key: str, content_key: str, roles: dict, *, turns: Any = None,
+           need_assistant: bool = True) -> list[dict[str, str]] | None:
+    """Validate a list of turns (OpenAI messages or ShareGPT conversations) into chat messages.
+
+    `turns`: the list when it is not `row.row[key]` (a preference row's `input.messages`, `key` then names it)."""
+    turns, before = (row.row[key] if turns is None else turns), len(row.problems)
     if not isinstance(turns, list):
         row.error(f"field '{key}' must be a list, got {_type_name(turns)}")
         return None
@@ -162,7 +172,7 @@ def _turns(row: _Row, key: str, role_key: str, content_key: str, roles: dict) ->
         content = row.required(turn, content_key, f"{where}.{content_key}")
         if role and content is not None:
             messages.append({"role": role, "content": content})
-    if "assistant" not in seen_roles:  # only assistant tokens carry loss, so such a row teaches nothing
+    if need_assistant and "assistant" not in seen_roles:  # only assistant tokens carry loss: nothing to learn
         row.error(f"field '{key}' has no assistant message, so there is nothing to learn from")
     return messages if len(row.problems) == before else None
 
@@ -199,7 +209,10 @@ def _parse_row(value: Any, source: str, long_chars: int, result: LoadResult, pro
     row = _Row(value, source, long_chars)
     found = [name for name, keys in MARKERS.items() if any(k in value for k in keys)]
     keys = _keys(value)
-    if len(found) > 1:
+    if is_preference_row(value):  # a row that train.sft would misread as a prompt without a response
+        row.error(f"a preference row (found keys: {keys}): train preference pairs with python -m train.dpo; "
+                  "train.sft needs one reply per row")
+    elif len(found) > 1:
         row.error(f"ambiguous row: has keys of formats {' and '.join(found)} (found keys: {keys}); use one")
     elif not found:
         row.error(
@@ -337,3 +350,171 @@ def load_examples(path: str | os.PathLike, *, long_field_chars: int = 20_000) ->
         raise DataError(sorted(problems, key=lambda p: _line_of(p, name)))
     logger.info("%s: %d examples (%s)", name, len(result.examples), dict(result.formats))
     return result
+
+
+# -- preference pairs (train.dpo) ----------------------------------------------------------------------------
+@dataclass
+class Preference:
+    """One preference pair: a conversation up to a user turn, the preferred reply and the non-preferred one."""
+
+    prompt: list[dict[str, str]]  # system?, user, (assistant, user)*: the reply comes next
+    chosen: str
+    rejected: str
+    source: str
+    format: str
+    names: tuple[str, str, str] = ("input.messages", "preferred_output[0].content",
+                                   "non_preferred_output[0].content")  # prompt list, chosen, rejected as the row names them
+    text_prompt: bool = False  # the prompt came as text ('system'/'prompt' fields), not as a list of messages
+
+    def scan_example(self) -> Example:
+        """The pair as one Example (prompt turns, then both replies) whose fields name the row's, for the doctor."""
+        messages = [*self.prompt, {"role": "assistant", "content": self.chosen},
+                    {"role": "assistant", "content": self.rejected}]
+        last = len(self.prompt)
+        if self.text_prompt:  # [system?, user] read from the fields 'system' and 'prompt'
+            fields = [(i, 0, "system" if m["role"] == "system" else "prompt") for i, m in enumerate(self.prompt)]
+        else:
+            fields = [(i, 0, f"{self.names[0]}[{i}].content") for i in range(last)]
+        return Example(messages, self.source, self.format, fields + [(last, 0, self.names[1]),
+                                                                     (last + 1, 0, self.names[2])])
+
+
+@dataclass
+class PreferenceResult:
+    """Pairs that loaded, warnings about them, and how many rows each format gave."""
+
+    pairs: list[Preference]
+    warnings: list[str] = field(default_factory=list)
+    formats: collections.Counter = field(default_factory=collections.Counter)
+
+
+def is_preference_row(value: Any) -> bool:
+    """True for a row in one of the preference formats (it holds a marker key of one)."""
+    return isinstance(value, dict) and any(k in value for keys in PREFERENCE_MARKERS.values() for k in keys)
+
+
+def _reply(row: _Row, key: str) -> tuple[str | None, str]:
+    """A preference row's reply: text, or a list of exactly one assistant message; (text, the field it is in)."""
+    value = row.row[key]
+    if isinstance(value, str):
+        return row.text(value, key), key
+    if not isinstance(value, list) or len(value) != 1 or not isinstance(value[0], dict):
+        got = f"a list of {len(value)}" if isinstance(value, list) else _type_name(value)
+        row.error(f"field '{key}' must be a list of one assistant message "
+                  f'([{{"role": "assistant", "content": "..."}}]), got {got}')
+        return None, key
+    message, where = value[0], f"{key}[0]"
+    if message.get("role") != "assistant":
+        row.error(f"field '{where}.role' must be 'assistant', got {message.get('role')!r}")
+        return None, f"{where}.content"
+    return row.required(message, "content", f"{where}.content"), f"{where}.content"
+
+
+def _prompt_turns(row: _Row, turns: Any, key: str) -> list[dict[str, str]] | None:
+    """The conversation a preference pair answers: chat turns ending with a user turn."""
+    messages = _turns(row, key, "role", "content", CHAT_ROLES, turns=turns, need_assistant=False)
+    if messages is not None and (not messages or messages[-1]["role"] != "user"):
+        last = f"ends with an {messages[-1]['role']} message" if messages else "is empty"
+        row.error(f"field '{key}' {last}; the conversation must end with the user message the replies answer")
+        return None
+    return messages
+
+
+def _openai_preference(row: _Row) -> Preference | None:
+    """OpenAI's {"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}."""
+    for key in ("input", "preferred_output", "non_preferred_output"):
+        if key not in row.row:
+            row.error(f"missing field '{key}' (found keys: {_keys(row.row)})")
+    if row.problems:
+        return None
+    given = row.row["input"]
+    prompt = None
+    if not isinstance(given, dict):
+        row.error(f"field 'input' must be an object with 'messages', got {_type_name(given)}")
+    elif "messages" not in given:
+        row.error(f"missing field 'input.messages' (found keys: {_keys(given)})")
+    else:
+        prompt = _prompt_turns(row, given["messages"], "input.messages")
+    chosen, chosen_field = _reply(row, "preferred_output")
+    rejected, rejected_field = _reply(row, "non_preferred_output")
+    return _pair(row, prompt, chosen, rejected, "openai_preference", ("input.messages", chosen_field, rejected_field))
+
+
+def _prompt_chosen_rejected(row: _Row) -> Preference | None:
+    """{"prompt", "chosen", "rejected"} (optional "system"): text, or TRL's conversational lists."""
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in row.row:
+            row.error(f"missing field '{key}' (found keys: {_keys(row.row)})")
+    if row.problems:
+        return None
+    given, prompt = row.row["prompt"], None
+    if isinstance(given, list):
+        prompt = _prompt_turns(row, given, "prompt")
+        if prompt is not None and "system" in row.row:
+            row.error("field 'system' is only read with a text 'prompt'; put the system message in the 'prompt' list")
+    else:
+        text, system = row.text(given, "prompt"), row.optional("system")
+        if text is not None:
+            prompt = [{"role": "system", "content": system}] * bool(system) + [{"role": "user", "content": text}]
+    chosen, chosen_field = _reply(row, "chosen")
+    rejected, rejected_field = _reply(row, "rejected")
+    pair = _pair(row, prompt, chosen, rejected, "prompt_chosen_rejected", ("prompt", chosen_field, rejected_field))
+    if pair is not None:
+        pair.text_prompt = not isinstance(given, list)
+    return pair
+
+
+def _pair(row: _Row, prompt, chosen, rejected, format_: str, names: tuple[str, str, str]) -> Preference | None:
+    """The pair when every part is usable; a pair of equal replies is refused (its DPO loss has no gradient)."""
+    if prompt is None or chosen is None or rejected is None or row.problems:
+        return None
+    if chosen.strip() == rejected.strip():
+        row.error(f"fields '{names[1]}' and '{names[2]}' are the same reply; a pair teaches a preference only when "
+                  "they differ")
+        return None
+    return Preference(prompt, chosen, rejected, row.source, format_, names)
+
+
+def load_preferences(path: str | os.PathLike, *, long_field_chars: int = 20_000) -> PreferenceResult:
+    """Load every preference pair in path (JSONL or a `datasets` folder), or raise DataError listing every problem."""
+    name, file = os.fspath(path), Path(path)
+    if not file.exists():
+        raise DataError([f"{name}: no such file"])
+    result, problems = PreferenceResult(pairs=[]), []
+    for source, value in _rows(file, name, problems):
+        if not isinstance(value, dict):
+            kind = _type_name(value)
+            problems.append(f"{source}: expected a JSON object, got {kind}")
+            continue
+        row = _Row(value, source, long_field_chars)
+        openai = any(k in value for k in PREFERENCE_MARKERS["openai_preference"])
+        if not is_preference_row(value):
+            row.error(f"not a preference row: need {PREFERENCE_NEED} (found keys: {_keys(value)})")
+        elif openai and any(k in value for k in ("chosen", "rejected")):
+            row.error(f"ambiguous row: has keys of both preference formats (found keys: {_keys(value)}); use one")
+        else:
+            pair = (_openai_preference if openai else _prompt_chosen_rejected)(row)
+            if pair is not None:
+                result.pairs.append(pair)
+                result.formats[pair.format] += 1
+        problems.extend(row.problems)
+        result.warnings.extend(row.warnings)
+    for warning in result.warnings:
+        logger.warning(warning)
+    if not result.pairs and not problems:
+        problems.append(f"{name}: has no preference pairs (the file is empty or has only blank lines)")
+    if problems:
+        raise DataError(sorted(problems, key=lambda p: _line_of(p, name)))
+    logger.info("%s: %d preference pairs (%s)", name, len(result.pairs), dict(result.formats))
+    return result
+
+
+def holds_preferences(path: str | os.PathLike) -> bool:
+    """True when the file's first row (JSON object) is a preference row: what the doctor checks it as."""
+    file, problems = Path(path), []
+    if not file.exists():
+        return False
+    for _, value in _rows(file, os.fspath(path), problems):
+        if isinstance(value, dict):
+            return is_preference_row(value)
+    return False

@@ -203,9 +203,16 @@ def _refuse(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     configure(logging.INFO)
-    config = parse_config(sys.argv[1:] if argv is None else argv)
+    from train.pipeline import run
+
+    return execute(parse_config(sys.argv[1:] if argv is None else argv), run)
+
+
+def execute(config, run) -> int:
+    """`run(config)` as a command (train.sft's, train.dpo's): the result line on stdout, exit 2 on bad input, 1 when
+    the adapter failed its checks, each outcome also written to --events-file."""
     from train.events import EventLog
-    from train.pipeline import InputError, run
+    from train.pipeline import InputError
     from train.verify import AdapterCheckError
 
     events = EventLog(config.events_file)

@@ -33,6 +33,7 @@ import os
 import gradio as gr
 
 from assistant.batching import MAX_BATCH
+from assistant.embedded import EMBEDDED
 from assistant.generation import GenerationParams
 from serve.jobs import JobRunner
 from serve.registry import ModelRegistry
@@ -40,16 +41,18 @@ from serve.remote import RemoteRegistry
 from serve.server import _UNSET, Server
 from ui.config import ChatConfig
 from ui.data_tab import DataTab
+from ui.eval_tab import EvalTab
 from ui.export_panel import ExportPanel
 from ui.feedback_panel import FeedbackPanel, TurnLog
 from ui.handlers import EMPTY_STORE, Handlers, save, status_text, toggle_compare
 from ui.inert import SHOWN_AS_TEXT, PolicedBlocks
+from ui.promote_panel import PromotePanel
 from ui.prompts import CUSTOM_PROMPT
 from ui.stopping import StopSignals
 from ui.train_tab import TrainTab
 
 STORAGE_KEY = "chat-assistant-history"
-CHAT_TAB, TRAIN_TAB, DATA_TAB = "chat", "train", "data"
+CHAT_TAB, TRAIN_TAB, DATA_TAB, EVAL_TAB = "chat", "train", "data", "evaluate"
 
 
 def build_app(
@@ -76,23 +79,36 @@ def build_app(
     data = DataTab(store, server.access, registry, server.jobs)
     # Only in-process adapters have folders to export; a --backend-url client has none.
     export = ExportPanel(registry, server.access) if server.local else None
+    # The serving alias (serve.promotion) lives in the local adapters folder; a --backend-url client has none.
+    promote = PromotePanel(lambda: server.promotions, server.access, config.alias) if server.local and config.alias \
+        else None
+    # Evaluations run on the in-process models (a --backend-url client has none here).
+    evaluate = EvalTab(lambda: server.evals, server.model_ids, server.model_in_use, config.base_model or EMBEDDED,
+                       server.access) if server.local else None
     # PolicedBlocks: its server forbids images from other origins (ui.inert).
     with PolicedBlocks(title="Chat assistant") as demo:
         with gr.Tabs(selected=CHAT_TAB, elem_id="tabs") as tabs:
             with gr.Tab("Chat", id=CHAT_TAB, elem_id="chat-tab"):
-                ui = _layout(registry, handlers, export, feedback)
+                ui = _layout(registry, handlers, export, feedback, promote)
             if train is not None:
                 with gr.Tab("Train", id=TRAIN_TAB, elem_id="train-tab"):
                     train.layout()
             with gr.Tab("Data", id=DATA_TAB, elem_id="data-tab") as data_tab:
                 data.layout()
+            if evaluate is not None:
+                with gr.Tab("Evaluate", id=EVAL_TAB, elem_id="eval-tab"):
+                    evaluate.layout()
         _wire(demo, ui, handlers)
         feedback.wire(demo, ui.chatbot, ui.base, ui.compare)
         if export is not None:
             export.wire(ui.choice)
+        if promote is not None:
+            promote.wire(demo, ui.choice)
         if train is not None:
             train.wire(demo, tabs, CHAT_TAB, ui.choice, ui.compare, ui.chatbot, ui.base)
         data.wire(demo, data_tab, tabs, train, TRAIN_TAB)
+        if evaluate is not None:
+            evaluate.wire(demo)
         gr.api(handlers.api_chat, api_name="chat", api_description=Handlers.api_chat.__doc__)
     # Up to a batch of requests run at once (the runtime generates requests that arrive together in one
     # batch); the others wait in the queue, which shows their position, and beyond max_size are turned away.
@@ -102,8 +118,10 @@ def build_app(
     demo.handlers = handlers  # the screen's event functions (tests drive them as the screen would)
     demo.jobs = server.jobs  # the fine-tuning jobs (None: no training here); the caller closes it on shutdown
     demo.export_panel = export  # None: no local adapters to export
+    demo.promote_panel = promote  # None: no local aliases to move
     demo.feedback = feedback  # the chat's thumbs, corrections and compare-mode choices
     demo.data_tab = data  # the Data tab's event functions
+    demo.eval_tab = evaluate  # the Evaluate tab's event functions (None: no local models)
     return demo
 
 
@@ -120,7 +138,7 @@ class _Widgets:
 
 
 def _layout(registry: ModelRegistry, handlers: Handlers, export: ExportPanel | None = None,
-            feedback: FeedbackPanel | None = None) -> _Widgets:
+            feedback: FeedbackPanel | None = None, promote: PromotePanel | None = None) -> _Widgets:
     choice = registry.default_choice()
     prompt_names, first_prompt = handlers.prompt_menu(choice)
     w: dict = {}
@@ -149,6 +167,8 @@ def _layout(registry: ModelRegistry, handlers: Handlers, export: ExportPanel | N
                                        elem_id="compare")
             if export is not None:
                 export.layout()
+            if promote is not None:
+                promote.layout()
             w["prompt"] = gr.Dropdown(prompt_names, value=first_prompt, label="System prompt", elem_id="prompt")
             w["system"] = gr.Textbox(handlers.prompt_text(first_prompt, choice, ""), lines=4, max_lines=12,
                                      label="System prompt text", elem_id="system")
@@ -206,8 +226,10 @@ def _wire(demo: gr.Blocks, w: _Widgets, h: Handlers) -> None:
 
     w.choice.change(h.select_model, w.choice, w.status, show_progress="minimal", **private)
     # Adapters published while the app runs (the trainer, later fine-tuning jobs) are in the menu on the
-    # next page load; the registry lists the folder again by itself.
-    demo.load(lambda: gr.update(choices=h.registry.choices), None, w.choice, queue=False, **private)
+    # next page load, and the menu starts on the default model of that moment (a promotion moves it); the
+    # registry lists the folder again by itself.
+    demo.load(lambda: gr.update(choices=h.registry.choices, value=h.registry.default_choice()), None, w.choice,
+              queue=False, **private)
     w.compare.input(toggle_compare, [w.compare, w.choice, w.chatbot], w.base, queue=False, **private).then(**persist)
     # A new adapter brings the system prompt it was trained with; any other prompt shows a one-line note.
     w.choice.change(h.use_trained_prompt, [w.choice, w.prompt, w.system], [w.prompt, w.system], queue=False,
