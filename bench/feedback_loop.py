@@ -116,7 +116,7 @@ def train_on_these(demo, config: FeedbackLoopConfig) -> dict:
 
     request = local_admin()
     who = demo.data_tab.caller(request)
-    pending = find_feedback(demo.service.store, who, Filters(status="new"), limit=10 * config.feedback_rows).items
+    pending = find_feedback(demo.service.store, who, Filters(status="new"), limit=1000).items  # the store's page cap
     for record in pending:
         demo.data_tab.approve(record.id, "", request)
     text, job_id = demo.data_tab.train(ADAPTER, request)

@@ -315,3 +315,26 @@ def test_one_server_per_jobs_folder(app, tmp_path):
     second = job_runner(ChatConfig(adapters_dir=str(tmp_path), jobs_dir=str(tmp_path / "own")))
     assert second is not None
     second.close()
+
+
+def test_a_dpo_job_from_the_sdk_publishes_an_adapter_that_is_served_with_its_reward_figures(client, app):
+    with (DATA / "prefs.jsonl").open("rb") as data:
+        upload = client.files.create(file=data, purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model="base", training_file=upload.id, suffix="dpo",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "n_epochs": 1, "batch_size": 4,
+                                                            "learning_rate_multiplier": 30}}},
+        extra_body={"adapter": {"max_steps": 2}},
+    )
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.1
+    done = wait_status(client, job.id, {"succeeded", "failed", "cancelled", "paused"}, timeout=900)
+    assert done.status == "succeeded", (done.error, app.demo.jobs.log_tail(job.id))
+    model = done.fine_tuned_model
+    assert model in {m.id for m in client.models.list().data}
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Can I book a table?"}],
+                                          max_tokens=6, temperature=0)
+    assert reply.model == model and reply.choices[0].message.content
+    report = json.loads((app.demo.jobs.adapters_dir / model / "training_report.json").read_text())
+    before, after = report["preference"]["before"], report["preference"]["after"]
+    assert before["vs_reference"]["reward_accuracy"] == 0.5, "before training the model is its own reference"
+    assert after["vs_reference"]["reward_margin"] > before["vs_reference"]["reward_margin"], report["preference"]
