@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from assistant.chat_format import IGNORE_INDEX, encode_chat
-from assistant.loading import ChatModel
+from assistant.loading import MAIN, ChatModel
 
 
 def masked_nll(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, object]:
@@ -44,7 +44,14 @@ def reply_nll(chat: ChatModel, messages: list[dict], *, max_length: int | None =
         "input_ids": torch.tensor([encoded.input_ids], device=device),
         "labels": torch.tensor([encoded.labels], device=device),
     }
-    # The model's lock: the generation engine may be inside disable_adapter() on its own thread.
-    with chat.lock, chat.model.disable_adapter() if chat.adapter and not use_adapter else nullcontext():
-        total, count, _ = masked_nll(chat.model, batch)
+    # The host's lock: the engine runs batches of several adapters on the same weights on its own thread.
+    with chat.lock:
+        if chat.host is not None:  # the row of this choice, as the engine runs it (peft's adapter_names)
+            model, context, extra = chat.host.runner(chat.group if use_adapter else MAIN,
+                                                     [chat.adapter_name if use_adapter else None])
+        else:
+            model, extra = chat.model, {}
+            context = chat.model.disable_adapter() if chat.adapter and not use_adapter else nullcontext()
+        with context:
+            total, count, _ = masked_nll(model, {**batch, **extra})
     return float(total), int(count)

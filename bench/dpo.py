@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ class DPOBenchConfig:
     pref_rows: int = field(default=300, metadata={"help": "Other training prompts turned into preference pairs."})
     valid_rows: int = field(default=100, metadata={"help": "Validation prompts: pairs for the rewards, and ROUGE-L."})
     max_new_tokens: int = field(default=64, metadata={"help": "Length of each reply (the non-preferred ones too)."})
+    adapter: str | None = field(default=None, metadata={"help": "The SFT adapter to start from (trained on the first "
+                                                               "--train-rows pairs) instead of training one."})
     sft_args: str = field(default="", metadata={"help": "Extra train.sft arguments (quoted), e.g. '--max-steps 4'."})
     dpo_args: str = field(default="", metadata={"help": "Extra train.dpo arguments (quoted), e.g. '--beta 0.2'."})
     work_dir: str = field(default="", metadata={"help": "Folder for data and adapters (default: a temporary one)."})
@@ -95,9 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     valid = write_jsonl(valid_rows, work / "valid.jsonl")
     sft, dpo = fresh(work / "adapters" / "star-sft"), fresh(work / "adapters" / "star-dpo")
 
-    cmd = [sys.executable, "-m", "train.sft", str(write_jsonl(first, work / "train.jsonl")), "--output-dir", str(sft),
-           *shlex.split(config.sft_args)]
-    check(run_measured(cmd, timeout=config.timeout), "train.sft")
+    if config.adapter:
+        shutil.copytree(config.adapter, sft)
+    else:
+        cmd = [sys.executable, "-m", "train.sft", str(write_jsonl(first, work / "train.jsonl")), "--output-dir",
+               str(sft), *shlex.split(config.sft_args)]
+        check(run_measured(cmd, timeout=config.timeout), "train.sft")
     log("the SFT adapter answers the preference prompts")
     train_prefs = write_jsonl(preference_pairs(sft, others, config.max_new_tokens), work / "prefs.train.jsonl")
     valid_prefs = write_jsonl(preference_pairs(sft, valid_rows, config.max_new_tokens), work / "prefs.valid.jsonl")
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_rows": config.train_rows, "pref_rows": config.pref_rows, "valid_rows": config.valid_rows,
         "cpu": cpu_name(), "load_avg_1m_start": load,
     }
-    path = write_results(NAME, {"final": final, "sft": before, "dpo": after, "preference": pref},
+    path = write_results(Path(config.output).stem, {"final": final, "sft": before, "dpo": after, "preference": pref},
                          Path(config.output).parent)
     log(f"results in {path}")
     print_final(final)

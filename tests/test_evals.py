@@ -266,3 +266,18 @@ def test_the_evaluate_tab_compares_a_candidate_with_the_model_in_use_on_a_held_o
     assert summary["reference perplexity"][1] < summary["reference perplexity"][0]
     assert figure is not None and len(figure.axes) == 2
     assert list(worse.columns)[:3] == ["item", "user asked", "reference"]
+
+
+@pytest.mark.slow
+def test_the_reference_perplexity_of_each_model_on_a_shared_host_is_its_own(app_server, lora_adapter):
+    from assistant.likelihood import reply_nll
+    from serve.registry import BASE_CHOICE
+
+    chat = [{"role": "user", "content": "Can I book a table?"}, {"role": "assistant", "content": "Yes, for how many?"}]
+    base = app_server.registry.get(BASE_CHOICE)
+    alone = reply_nll(base, chat)
+    pirate = app_server.registry.get(lora_adapter.name)  # attached to the same weights as the base
+    assert pirate.host is base.host
+    assert reply_nll(base, chat) == pytest.approx(alone, rel=1e-4), "the base is scored without any adapter"
+    assert reply_nll(pirate, chat, use_adapter=False) == pytest.approx(alone, rel=1e-4)
+    assert abs(reply_nll(pirate, chat)[0] - alone[0]) > 1.0, "the adapter's own loss"

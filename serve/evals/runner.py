@@ -75,7 +75,8 @@ class EvalRunner:
 
     def _requeue_left_over(self) -> None:
         """Runs a stopped server left queued or running start again (their items so far are dropped)."""
-        for folder in sorted(p for p in self.store.root.iterdir() if p.is_dir()):
+        folders = self.store.root.iterdir() if self.store.root.is_dir() else ()
+        for folder in sorted(p for p in folders if p.is_dir()):
             for run in self.store.list_runs(None, folder.name):
                 if run["status"] in ACTIVE:
                     (self.store.run_path(folder.name, run["id"]) / "items.jsonl").write_text("")

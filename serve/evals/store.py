@@ -72,8 +72,7 @@ class EvalStore:
     """Evals, runs and output items on disk; each caller sees their own (an admin: everyone's)."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root)  # made by the first eval (a server that never evaluates leaves no folder)
         self.lock = threading.RLock()  # one writer at a time for a run's files
 
     # -- evals ------------------------------------------------------------------------------------------
@@ -93,7 +92,7 @@ class EvalStore:
                 "testing_criteria": [c.to_openai() for c in definition.criteria], "owner": who.name,
                 "request": body}
         folder = self.root / data["id"]
-        folder.mkdir()
+        folder.mkdir(parents=True)
         _write_json(folder / EVAL, data)
         return Eval(data, definition)
 
@@ -107,7 +106,7 @@ class EvalStore:
     def list_evals(self, who: Caller) -> list[Eval]:
         """`who`'s evals, oldest first."""
         found = []
-        for folder in self.root.iterdir():
+        for folder in self.root.iterdir() if self.root.is_dir() else ():
             data = _read_json(folder / EVAL)
             if data and _visible(who, data):
                 found.append(Eval(data, check_eval(data["request"])))
@@ -265,7 +264,8 @@ class EvalStore:
     def evidence(self, candidate: str, current: str, criterion: str | None = None) -> Evidence | None:
         """The newest eval with completed runs of both models (each model's newest run): the promotion gate's
         figures; None when no eval has both."""
-        for found in sorted((self._eval_any(p.name) for p in self.root.iterdir() if (p / EVAL).is_file()),
+        folders = self.root.iterdir() if self.root.is_dir() else ()
+        for found in sorted((self._eval_any(p.name) for p in folders if (p / EVAL).is_file()),
                             key=lambda e: e.data["created_at"], reverse=True):
             done = [r for r in self.list_runs(None, found.id) if r["status"] == "completed"]
             newest = {}
