@@ -55,8 +55,9 @@ class ServerConfig:
     )
     auth_file: str | None = field(
         default=None,
-        metadata={"help": "File holding user:password to require a login; unset, $ASSISTANT_AUTH if set, else "
-                          "no login. With a login the API (/v1, /chat) needs the API key or a logged-in session."},
+        metadata={"help": "File holding user:password, one login per line, to require a login; unset, "
+                          "$ASSISTANT_AUTH if set, else no login. With a login the API (/v1, /chat) needs the API key "
+                          "or a logged-in session; --admins names who sees everyone's records."},
     )
     share: bool = field(
         default=False,
@@ -125,15 +126,22 @@ class ServerConfig:
         """The --backend-url server's key from --backend-key-file or $ASSISTANT_BACKEND_KEY."""
         return _secret("--backend-key-file", self.backend_key_file, "ASSISTANT_BACKEND_KEY")
 
-    def credentials(self) -> tuple[str, str] | None:
-        """(user, password) from --auth-file or $ASSISTANT_AUTH, or None when the app is open."""
+    def credentials(self) -> list[tuple[str, str]] | None:
+        """The logins, (user, password) per line of --auth-file or $ASSISTANT_AUTH; None when the app is open."""
         value = _secret("--auth-file", self.auth_file, "ASSISTANT_AUTH")
         if not value:
             return None
-        user, sep, password = value.partition(":")
-        if not sep or not user or not password:  # the value itself is a secret: never echo it
-            raise ValueError("--auth-file / $ASSISTANT_AUTH must hold user:password")
-        return user, password
+        logins = []
+        for number, line in enumerate(value.splitlines(), 1):
+            if not line.strip():
+                continue
+            user, sep, password = line.strip().partition(":")
+            if not sep or not user or not password:  # the line itself is a secret: never echo it
+                raise ValueError(f"--auth-file / $ASSISTANT_AUTH line {number} must be user:password")
+            if user in (name for name, _ in logins):
+                raise ValueError(f"--auth-file / $ASSISTANT_AUTH line {number}: user {user!r} is given twice")
+            logins.append((user, password))
+        return logins
 
     def access_policy(self) -> AccessPolicy:
         """Who may call /v1, /chat and the screens' actions under this configuration (serve.access)."""

@@ -281,3 +281,34 @@ def test_the_reference_perplexity_of_each_model_on_a_shared_host_is_its_own(app_
     assert reply_nll(base, chat) == pytest.approx(alone, rel=1e-4), "the base is scored without any adapter"
     assert reply_nll(pirate, chat, use_adapter=False) == pytest.approx(alone, rel=1e-4)
     assert abs(reply_nll(pirate, chat)[0] - alone[0]) > 1.0, "the adapter's own loss"
+
+
+@pytest.mark.slow
+def test_stored_completions_are_an_eval_source_filtered_by_metadata(client):
+    run_tag = f"evals-{time.time_ns()}"
+    questions = ["Name a colour.", "Name a fruit.", "Name an animal."]
+    stored = [client.chat.completions.create(model="base", messages=[{"role": "user", "content": q}], max_tokens=8,
+                                             temperature=0, store=True, metadata={"suite": run_tag})
+              for q in questions]
+    client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Unrelated."}], max_tokens=4,
+                                   temperature=0, store=True, metadata={"suite": "other"})
+    created = client.evals.create(
+        name="replay", data_source_config={"type": "stored_completions", "metadata": {"suite": run_tag}},
+        testing_criteria=[{"type": "string_check", "name": "same reply", "operation": "eq",
+                           "input": "{{sample.output_text}}", "reference": "{{item.output}}"}])
+    run = client.evals.runs.create(created.id, data_source={
+        "type": "completions", "model": "base", "sampling_params": {"temperature": 0, "max_completion_tokens": 8},
+        "source": {"type": "stored_completions", "metadata": {"suite": run_tag}}})
+    deadline = time.monotonic() + 300
+    while run.status in ("queued", "in_progress") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        run = client.evals.runs.retrieve(run.id, eval_id=created.id)
+    assert run.status == "completed" and run.result_counts.total == 3, run
+    assert run.result_counts.passed == 3, "greedy decoding replays each stored reply exactly"
+    items = client.evals.runs.output_items.list(run.id, eval_id=created.id).data
+    assert sorted(i.datasource_item["output"] for i in items) == sorted(c.choices[0].message.content for c in stored)
+    with pytest.raises(BadRequestError) as none:
+        client.evals.runs.create(created.id, data_source={
+            "type": "completions", "model": "base", "source": {"type": "stored_completions",
+                                                              "metadata": {"suite": "nothing-stored"}}})
+    assert none.value.param == "data_source.source"

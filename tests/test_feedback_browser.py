@@ -101,14 +101,14 @@ def test_thumb_down_correct_review_approve_and_export(page, feedback_app, tmp_pa
                                                                                        "Too short.", "app")
 
 
-ANN = ("ann", "pw-ann-7f3c")  # the --auth-file login (a file, never argv)
-BOB = ("bob", "pw-bob-91d2")  # a second login, not an admin
+ANN = ("ann", "pw-ann-7f3c")  # the --auth-file's logins (a file, never argv)
+BOB = ("bob", "pw-bob-91d2")  # not an admin
 SECOND = "Say hello."
 
 
 def _serve(root: Path, auth_file: Path, *, warm: bool):
-    """The app over `root`'s adapters and jobs folders (its SQLite database), served with a login: ann from
-    the --auth-file, and bob (Gradio's launch takes a list of users; --auth-file holds one)."""
+    """The app over `root`'s adapters and jobs folders (its SQLite database), served with the --auth-file's
+    logins (ann and bob), as `python -m ui` serves them."""
     from serve.registry import BASE_CHOICE, ModelRegistry
     from ui.app import build_app
     from ui.config import ChatConfig
@@ -119,7 +119,7 @@ def _serve(root: Path, auth_file: Path, *, warm: bool):
                      registry=ModelRegistry(config.adapters_dir, default=BASE_CHOICE))
     if warm:
         demo.registry.get(BASE_CHOICE)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), auth=[config.credentials(), BOB],
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), auth=config.credentials(),
                             prevent_thread_lock=True, quiet=True)
     demo.service.mount(demo.app)  # /v1, where a record is opened by its id
     return demo, url
@@ -169,7 +169,7 @@ def test_a_users_feedback_survives_a_restart_and_stays_hers(log_in, tmp_path, mo
     for name in ("ASSISTANT_AUTH", "ASSISTANT_API_KEY", "ASSISTANT_DATABASE_URL"):
         monkeypatch.delenv(name, raising=False)
     auth = tmp_path / "auth"
-    auth.write_text(":".join(ANN) + "\n")
+    auth.write_text(":".join(ANN) + "\n" + ":".join(BOB) + "\n")
     root = tmp_path / "app"
     demo, url = _serve(root, auth, warm=True)
     try:  # ann chats twice: a thumb up on the second reply, a thumb down and a correction on the first

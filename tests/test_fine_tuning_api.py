@@ -11,9 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from openai import BadRequestError, ConflictError, NotFoundError, OpenAI, PermissionDeniedError
+from safetensors.torch import load_file
 
 from tests.adapter_replies import adapter_reply
 from tests.conftest import DATA, FAST, Server, free_port, wait_for
@@ -317,13 +319,19 @@ def test_one_server_per_jobs_folder(app, tmp_path):
     second.close()
 
 
-def test_a_dpo_job_from_the_sdk_publishes_an_adapter_that_is_served_with_its_reward_figures(client, app):
+def test_a_dpo_job_from_the_sdk_goes_on_from_an_sft_adapter_and_publishes_one_that_is_served(client, trained, app):
+    """The SFT job's adapter is the DPO job's start and its reference (TRL keeps a frozen copy, never published)."""
+    from assistant.adapters import folder_signature, read_folder
+
+    sft = trained["job"].fine_tuned_model
+    adapters = app.demo.jobs.adapters_dir
+    untouched = folder_signature(adapters / sft)
     with (DATA / "prefs.jsonl").open("rb") as data:
         upload = client.files.create(file=data, purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
-        model="base", training_file=upload.id, suffix="dpo",
+        model=sft, training_file=upload.id, suffix="dpo",
         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "n_epochs": 1, "batch_size": 4,
-                                                            "learning_rate_multiplier": 30}}},
+                                                            "learning_rate_multiplier": 10}}},
         extra_body={"adapter": {"max_steps": 2}},
     )
     assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.1
@@ -334,7 +342,18 @@ def test_a_dpo_job_from_the_sdk_publishes_an_adapter_that_is_served_with_its_rew
     reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Can I book a table?"}],
                                           max_tokens=6, temperature=0)
     assert reply.model == model and reply.choices[0].message.content
-    report = json.loads((app.demo.jobs.adapters_dir / model / "training_report.json").read_text())
-    before, after = report["preference"]["before"], report["preference"]["after"]
-    assert before["vs_reference"]["reward_accuracy"] == 0.5, "before training the model is its own reference"
-    assert after["vs_reference"]["reward_margin"] > before["vs_reference"]["reward_margin"], report["preference"]
+    out = adapters / model
+    report = json.loads((out / "training_report.json").read_text())
+    pref = report["preference"]
+    assert report["training"] == "dpo" and report["from_adapter"] == str(adapters / sft) and pref["beta"] == 0.1
+    # The reference is the SFT adapter, not the base: before the first step the policy equals it (0.5, 0) while the
+    # SFT adapter already scores a non-zero reward against the base model.
+    assert pref["before"]["vs_reference"]["reward_accuracy"] == 0.5 and pref["before"]["vs_reference"]["reward_margin"] == 0
+    assert pref["before"]["vs_base"]["reward_margin"] != 0
+    assert pref["after"]["vs_reference"]["reward_margin"] > 0, "DPO moved towards the preferred replies"
+    # A normal adapter folder: only the tuned adapter (no "ref" copy), the SFT adapter's trained prompt.
+    assert not (out / "ref").exists() and read_folder(out).method == "lora"
+    assert read_folder(out).prompt == read_folder(adapters / sft).prompt
+    weights, start = load_file(out / "adapter_model.safetensors"), load_file(adapters / sft / "adapter_model.safetensors")
+    assert weights.keys() == start.keys() and any(not torch.equal(weights[k], start[k]) for k in weights)
+    assert folder_signature(adapters / sft) == untouched, "the adapter it starts from is left as it was"

@@ -91,14 +91,17 @@ def test_login_comes_from_a_file_or_the_environment(no_secret_env, tmp_path):
     assert ChatConfig().credentials() is None
     auth = tmp_path / "auth"
     auth.write_text("ann:s3cret:x\n")
-    assert ChatConfig(auth_file=str(auth)).credentials() == ("ann", "s3cret:x")
+    assert ChatConfig(auth_file=str(auth)).credentials() == [("ann", "s3cret:x")]
     no_secret_env.setenv("ASSISTANT_AUTH", "bob:pw")
-    assert ChatConfig().credentials() == ("bob", "pw")
-    assert ChatConfig(auth_file=str(auth)).credentials() == ("ann", "s3cret:x"), "the file named wins"
-    auth.write_text("nopassword-s3cret")
-    with pytest.raises(ValueError, match="user:password") as malformed:
-        ChatConfig(auth_file=str(auth)).credentials()
-    assert "s3cret" not in str(malformed.value), "a malformed secret is not echoed"
+    assert ChatConfig().credentials() == [("bob", "pw")]
+    assert ChatConfig(auth_file=str(auth)).credentials() == [("ann", "s3cret:x")], "the file named wins"
+    auth.write_text("ann:s3cret:x\n\nbob:pw2\n")
+    assert ChatConfig(auth_file=str(auth)).credentials() == [("ann", "s3cret:x"), ("bob", "pw2")], "one per line"
+    for text, line in (("nopassword-s3cret", 1), ("ann:pw\nbob-s3cret", 2), ("ann:pw\nann:s3cret", 2)):
+        auth.write_text(text)
+        with pytest.raises(ValueError, match=f"line {line}") as malformed:
+            ChatConfig(auth_file=str(auth)).credentials()
+        assert "s3cret" not in str(malformed.value), "a malformed secret is not echoed"
 
 
 @pytest.mark.parametrize(
