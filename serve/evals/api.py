@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a file_content run carries its items in the body
 PAGE_DEFAULT, PAGE_MOST = 20, 100
+STORE_PAGE = 500  # completions read per query of a stored_completions source
 
 
 class EvalsServer:
@@ -229,12 +230,18 @@ def item_source(files: FileStore, store: Callable[[], Store] | None) -> Callable
             return _file_items(files, source["id"], definition)
         if store is None:
             raise EvalError("This server keeps no completions to evaluate.", "data_source.source.type")
-        page = store().list_completions(who, model=source.get("model"), metadata=source.get("metadata"),
-                                        order="desc", limit=min(source.get("limit") or ITEMS_MAX, ITEMS_MAX))
-        found = [{"input": c.messages, "output": (c.reply or {}).get("content", ""), "model": c.model}
-                 for c in page.data
-                 if (source.get("created_after") is None or c.created >= source["created_after"])
-                 and (source.get("created_before") is None or c.created < source["created_before"])]
+        wanted, found, after = min(source.get("limit") or ITEMS_MAX, ITEMS_MAX), [], None
+        while len(found) < wanted:  # newest first, a store page at a time
+            page = store().list_completions(who, model=source.get("model"), metadata=source.get("metadata"),
+                                            order="desc", after=after, limit=STORE_PAGE)
+            found += [{"input": c.messages, "output": (c.reply or {}).get("content", ""), "model": c.model}
+                      for c in page.items
+                      if (source.get("created_after") is None or c.created >= source["created_after"])
+                      and (source.get("created_before") is None or c.created < source["created_before"])]
+            if not page.has_more:
+                break
+            after = page.items[-1].id
+        found = found[:wanted]
         if not found:
             raise EvalError("No stored completion matches this source (model, metadata, dates); store some with "
                             "store: true first.", "data_source.source")
