@@ -86,6 +86,11 @@ class Server:
         """The ids an API client may pass as `model` (what /v1/models lists)."""
         return model_ids(self.registry)
 
+    def newest_adapter(self) -> str | None:
+        """The adapter published last (its folder's modification time): a finished job's, usually."""
+        adapters = self.registry.adapters
+        return max(adapters, key=lambda name: adapters[name].stat().st_mtime, default=None)
+
     def model_in_use(self) -> str:
         """The model id served by default: the serving alias's model when it is set."""
         choice = self.registry.default_choice()

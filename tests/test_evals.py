@@ -244,7 +244,8 @@ def test_the_evaluate_tab_compares_a_candidate_with_the_model_in_use_on_a_held_o
     tab = app_server.demo.eval_tab
     local = SimpleNamespace(client=SimpleNamespace(host="127.0.0.1"), headers={}, username=None, session_hash="t")
     candidates, against = tab.menus()
-    assert support in candidates["choices"] and against["value"] == "base", "the model in use is preselected"
+    assert candidates["value"] == support, "the adapter published last is the candidate"
+    assert against["value"] == "base", "the model in use is preselected"
     with pytest.raises(gr.Error, match="same model"):
         tab.start("base", "base", str(DATA / "valid_pairs.jsonl"), 4, local)
     bad = tmp_path / "bad.jsonl"

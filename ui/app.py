@@ -83,8 +83,8 @@ def build_app(
     promote = PromotePanel(lambda: server.promotions, server.access, config.alias) if server.local and config.alias \
         else None
     # Evaluations run on the in-process models (a --backend-url client has none here).
-    evaluate = EvalTab(lambda: server.evals, server.model_ids, server.model_in_use, config.base_model or EMBEDDED,
-                       server.access) if server.local else None
+    evaluate = EvalTab(lambda: server.evals, server.model_ids, server.model_in_use, server.newest_adapter,
+                       config.base_model or EMBEDDED, server.access) if server.local else None
     # PolicedBlocks: its server forbids images from other origins (ui.inert).
     with PolicedBlocks(title="Chat assistant") as demo:
         with gr.Tabs(selected=CHAT_TAB, elem_id="tabs") as tabs:

@@ -35,10 +35,12 @@ class EvalTab:
     """The tab's components and event functions over the server's EvalRunner."""
 
     def __init__(self, runner: Callable[[], EvalRunner], models: Callable[[], list[str]], in_use: Callable[[], str],
-                 base_model: str, access: AccessPolicy | None):
+                 newest: Callable[[], str | None], base_model: str, access: AccessPolicy | None):
         # runner: the server's EvalRunner (opened on first use); models: the API's model ids; in_use: the id of the
-        # model served by default (the production alias's target when one is set).
-        self.runner, self.models, self.in_use, self.base_model, self.access = runner, models, in_use, base_model, access
+        # model served by default (the production alias's target when one is set); newest: the adapter published
+        # last (after a training job: the one to evaluate).
+        self.runner, self.models, self.in_use, self.newest = runner, models, in_use, newest
+        self.base_model, self.access = base_model, access
 
     def layout(self) -> None:
         """The tab's components (call inside a gr.Tab)."""
@@ -76,11 +78,10 @@ class EvalTab:
         return request_caller(self.access, request) if self.access is not None else Caller(LOCAL)
 
     def menus(self) -> tuple:
-        """The model menus: candidates (the newest adapter first), and the model in use preselected."""
-        models, in_use = self.models(), self.in_use()
-        others = [m for m in reversed(models) if m != in_use]
-        return (gr.update(choices=models, value=others[0] if others else in_use),
-                gr.update(choices=models, value=in_use))
+        """The model menus: the adapter published last as the candidate, the model in use against it."""
+        models, in_use, newest = self.models(), self.in_use(), self.newest()
+        candidate = newest if newest and newest != in_use else next((m for m in models if m != in_use), in_use)
+        return gr.update(choices=models, value=candidate), gr.update(choices=models, value=in_use)
 
     def start(self, candidate: str | None, against: str | None, path: str | None, rows: float | None,
               request: gr.Request) -> dict:
