@@ -26,7 +26,7 @@ from train.cli import parse_with_positional
 from train.features import (
     Features,
     encode_pairs,
-    read_system_prompt,
+    split_validation,
     trained_prompt_of,
     with_system_prompt_pairs,
 )
@@ -38,6 +38,7 @@ from train.pipeline import (
     continued,
     pick_generation,
     publish,
+    system_prompt_for,
     training_precision,
 )
 from train.records import DataError, Example, Preference, load_preferences
@@ -176,8 +177,6 @@ def _refuse(message: str) -> None:
 
 def prepare_pairs(config: DPOConfig, parent) -> PreparedPairs:
     """Load, check, split and encode the pairs, or raise InputError naming file, line and field."""
-    from train.features import split_validation
-
     try:
         loaded = load_preferences(config.data)
         valid_loaded = load_preferences(config.valid_file) if config.valid_file else None
@@ -189,15 +188,7 @@ def prepare_pairs(config: DPOConfig, parent) -> PreparedPairs:
     else:
         train, valid = split_validation(loaded.pairs, config.valid_fraction, config.seed)
     tokenizer = load_tokenizer(config.base_model)
-    try:
-        system = read_system_prompt(config.system_prompt)
-    except OSError as error:
-        raise InputError(f"--system-prompt: {error}") from error
-    source = "--system-prompt"
-    inherited = parent.prompt if parent is not None else None
-    # Pairs without a system message are tuned under the prompt the starting adapter is served with.
-    if system is None and inherited is not None and inherited.source not in ("template default", "none"):
-        system, source = inherited.text, f"--from-adapter {parent.path.name}"
+    system, source = system_prompt_for(config, parent)  # the one rule, train.sft's
     prompt = trained_prompt_of(tokenizer, [Example(p.prompt, p.source, p.format) for p in train], system, source)
     train, valid = with_system_prompt_pairs(train, system), with_system_prompt_pairs(valid, system)
     try:

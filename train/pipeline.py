@@ -91,14 +91,7 @@ def prepare_data(config, parent: AdapterFolder | None = None) -> PreparedData:
     if getattr(config, "redact", False):  # before the recorded prompt, the probes and the tokens see the text
         train_rows, valid_rows, redacted = _redact(train_rows, valid_rows, getattr(config, "phone_region", "US"))
     tokenizer = load_tokenizer(config.base_model)
-    try:
-        system = read_system_prompt(config.system_prompt)
-    except OSError as error:
-        raise InputError(f"--system-prompt: {error}") from error
-    source = "--system-prompt"
-    inherited = parent.prompt if parent is not None else None
-    if system is None and inherited is not None and inherited.source not in ("template default", "none"):
-        system, source = inherited.text, f"--from-adapter {parent.path.name}"
+    system, source = system_prompt_for(config, parent)
     prompt = trained_prompt_of(tokenizer, train_rows, system, source)
     # Rows without a system message get --system-prompt; without it the template writes its own default.
     train_rows, valid_rows = with_system_prompt(train_rows, system), with_system_prompt(valid_rows, system)
@@ -113,6 +106,19 @@ def prepare_data(config, parent: AdapterFolder | None = None) -> PreparedData:
             f"{config.data}: no example has an assistant reply within --max-length {config.max_length}"
         )
     return PreparedData(tokenizer, train, valid, valid_rows or train_rows, warnings, prompt, redacted)
+
+
+def system_prompt_for(config, parent: AdapterFolder | None) -> tuple[str | None, str]:
+    """The system prompt of rows without one and where it comes from: --system-prompt, else the trained prompt
+    of the --from-adapter adapter (so it goes on learning under the prompt it is served with), else none."""
+    try:
+        system = read_system_prompt(config.system_prompt)
+    except OSError as error:
+        raise InputError(f"--system-prompt: {error}") from error
+    inherited = parent.prompt if parent is not None else None
+    if system is None and inherited is not None and inherited.source not in ("template default", "none"):
+        return inherited.text, f"--from-adapter {parent.path.name}"
+    return system, "--system-prompt"
 
 
 def _redact(train_rows: list[Example], valid_rows: list[Example], region: str):

@@ -79,7 +79,7 @@ class EvalRunner:
         for folder in sorted(p for p in folders if p.is_dir()):
             for run in self.store.list_runs(None, folder.name):
                 if run["status"] in ACTIVE:
-                    (self.store.run_path(folder.name, run["id"]) / "items.jsonl").write_text("")
+                    self.store.clear_items(folder.name, run["id"])
                     self.store.update_run(folder.name, run["id"], status="queued")
                     self._queue.append((folder.name, run["id"]))
 
@@ -168,7 +168,7 @@ class EvalRunner:
         run = store.get_run(None, eval_id, run_id)
         if run["status"] != "queued":
             return
-        definition = store._eval_any(eval_id).definition
+        definition = store.eval_of(eval_id).definition
         request = _request_of(run)
         chat, resolved = self.resolve(request.model)
         run = store.update_run(eval_id, run_id, status="in_progress", resolved_model=resolved)

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from assistant.scoring import compare
+from assistant.scoring import Comparison, compare
 from serve.access import Caller
 from serve.evals.definition import EvalDefinition, EvalError, check_eval
 from serve.evals.evidence import Evidence
@@ -190,6 +190,11 @@ class EvalStore:
                                 code="run_in_progress")
             shutil.rmtree(self.run_path(eval_id, run_id))
 
+    def clear_items(self, eval_id: str, run_id: str) -> None:
+        """Drop a run's output items (it runs again from the start)."""
+        with self.lock:
+            (self.run_path(eval_id, run_id) / ITEMS).write_text("")
+
     def add_item(self, eval_id: str, run_id: str, item: dict) -> None:
         """Append one output item."""
         with self.lock, (self.run_path(eval_id, run_id) / ITEMS).open("a", encoding="utf-8") as out:
@@ -212,7 +217,12 @@ class EvalStore:
     def compare_runs(self, who: Caller | None, eval_id: str, run_a: str, run_b: str,
                      criterion: str | None = None) -> dict:
         """Run B against run A item by item on one criterion's score (default: the eval's first)."""
-        found = self.get_eval(who, eval_id) if who is not None else self._eval_any(eval_id)
+        return self._compared(who, eval_id, run_a, run_b, criterion)[0]
+
+    def _compared(self, who: Caller | None, eval_id: str, run_a: str, run_b: str,
+                  criterion: str | None) -> tuple[dict, Comparison]:
+        """compare_runs' figures, and the Comparison they come from (scores signed so that higher wins)."""
+        found = self.get_eval(who, eval_id) if who is not None else self.eval_of(eval_id)
         names = [c.name for c in found.definition.criteria]
         criterion = criterion or names[0]
         if criterion not in names:
@@ -244,7 +254,8 @@ class EvalStore:
                 "lower_is_better": lower_better, "run_a": run_a, "run_b": run_b,
                 "model_a": runs["run_a"]["model"], "model_b": runs["run_b"]["model"],
                 "pass_rate_a": _pass_rate(runs["run_a"], criterion), "pass_rate_b": _pass_rate(runs["run_b"], criterion),
-                "description": result.describe(runs["run_a"]["model"], runs["run_b"]["model"], criterion), **body}
+                "description": result.describe(runs["run_a"]["model"], runs["run_b"]["model"], criterion),
+                **body}, result
 
     def _scores(self, eval_id: str, run_id: str, criterion: str) -> dict[int, tuple[float, str, dict]]:
         scores = {}
@@ -255,7 +266,8 @@ class EvalStore:
                     scores[item["datasource_item_id"]] = (float(result["score"]), reply, item["datasource_item"])
         return scores
 
-    def _eval_any(self, eval_id: str) -> Eval:
+    def eval_of(self, eval_id: str) -> Eval:
+        """The eval, whoever owns it (the runner's and the gate's read); EvalError 404 when unknown."""
         data = _read_json(self.root / eval_id / EVAL) if _safe(eval_id) else None
         if data is None:
             raise EvalError(f"No eval with id {eval_id!r}.", "eval_id", status=404, code="not_found")
@@ -265,7 +277,7 @@ class EvalStore:
         """The newest eval with completed runs of both models (each model's newest run): the promotion gate's
         figures; None when no eval has both."""
         folders = self.root.iterdir() if self.root.is_dir() else ()
-        for found in sorted((self._eval_any(p.name) for p in folders if (p / EVAL).is_file()),
+        for found in sorted((self.eval_of(p.name) for p in folders if (p / EVAL).is_file()),
                             key=lambda e: e.data["created_at"], reverse=True):
             done = [r for r in self.list_runs(None, found.id) if r["status"] == "completed"]
             newest = {}
@@ -274,14 +286,13 @@ class EvalStore:
                 newest[run["model"]] = run
             if candidate in newest and current in newest and newest[candidate]["id"] != newest[current]["id"]:
                 name = criterion or found.definition.criteria[0].name
-                figures = self.compare_runs(None, found.id, newest[current]["id"], newest[candidate]["id"], name)
+                figures, comparison = self._compared(None, found.id, newest[current]["id"], newest[candidate]["id"],
+                                                     name)
                 return Evidence(
                     eval_id=found.id, criterion=name, candidate=candidate, current=current,
                     candidate_run=newest[candidate]["id"], current_run=newest[current]["id"],
                     candidate_pass_rate=figures["pass_rate_b"], current_pass_rate=figures["pass_rate_a"],
-                    comparison=compare([p["a"] for p in figures["per_item"]], [p["b"] for p in figures["per_item"]])
-                    if not figures["lower_is_better"] else
-                    compare([-p["a"] for p in figures["per_item"]], [-p["b"] for p in figures["per_item"]]),
+                    comparison=comparison,
                 )
         return None
 
