@@ -7,6 +7,8 @@ import ast
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import INSTALL_CHROMIUM, NEEDS_GO, ROOT, RUN
 
 # A browser test (chromium hidden), two tests skipped for want of Go, one skipped with no command, a plain
@@ -49,8 +51,10 @@ def run_pytest(tmp_path, *args: str) -> str:
     return done.stdout
 
 
-def test_skipped_tests_end_the_run_with_each_group_and_its_command(tmp_path):
-    out = run_pytest(tmp_path)
+# make test runs the suite in worker processes (pytest-xdist): skip reports travel from them to the summary.
+@pytest.mark.parametrize("workers", [(), ("-n", "2", "--dist", "loadfile")], ids=["one process", "xdist"])
+def test_skipped_tests_end_the_run_with_each_group_and_its_command(tmp_path, workers):
+    out = run_pytest(tmp_path, *workers)
     assert "1 passed, 4 skipped" in out, out
     block = out[out.index("4 tests were skipped: run each command below, then make test"):]  # ValueError: none
     go_why, _, go_command = NEEDS_GO.partition(RUN)
