@@ -20,6 +20,7 @@ An error inside a batch fails that batch's requests (they receive the exception)
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import queue
 import threading
@@ -37,6 +38,7 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
+from assistant.decode import FAST, lean_generate
 from assistant.loading import MAIN
 
 logger = logging.getLogger(__name__)
@@ -263,9 +265,12 @@ class BatchEngine:
                 if batch[0].params.seed is not None:
                     torch.manual_seed(batch[0].params.seed)
                 model, context, extra = host.runner(batch[0].group, [r.adapter for r in batch])
+                lean = host.decoding.engine == FAST and batch[0].group not in host.prefix
+                generate = (functools.partial(lean_generate, model, attention=host.decoding.attention) if lean
+                            else model.generate)
                 with context:
                     resumed = reuse and any(r.kv for r in batch)
-                    output = model.generate(
+                    output = generate(
                         input_ids=ids,
                         attention_mask=mask,
                         past_key_values=self._batch_cache(batch, pad, device) if resumed else None,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from assistant.adapters import SAMPLING_FIELDS, AdapterFolder, TrainedPrompt, read_folder
+from assistant.decode import GENERATE, Decoding, decoding_of
 from assistant.embedded import EMBEDDED, is_embedded
 from assistant.models import Precision, load_base_model, load_tokenizer, pick_precision, resolve_model_path
 
@@ -44,7 +45,13 @@ class Host:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     attaching: threading.Event = field(default_factory=threading.Event, repr=False)  # running batches pause
     engine: object = field(default=None, repr=False)  # its BatchEngine, started on first reply
+    decoding: Decoding | None = None  # how its replies decode (None: decided from the model)
     _names: Iterator[int] = field(default_factory=itertools.count, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.decoding is None:
+            self.decoding = decoding_of(self.base)
+            logger.info("decoding %s: %s", self.name, self.decoding.describe())
 
     def attach(self, folder: str | Path) -> tuple[str, str]:
         """Attach an adapter folder (once) and return (its adapter name, its method)."""
@@ -168,12 +175,20 @@ class ChatModel:
             return dict(self.folder.generation)
         return base_generation(self.host.base) if self.host else {}
 
+    @property
+    def decoding(self) -> Decoding:
+        """How this choice's replies decode: its host's way, except prefix tuning's (generate() builds its cache)."""
+        if self.method == "prefix" or self.host is None:
+            why = "prefix tuning's keys/values come from peft" if self.host else "no host"
+            return Decoding(GENERATE, why)
+        return self.host.decoding
+
     def describe(self) -> str:
         """Human summary for the log and the UI."""
         what = (
             f"{self.base_model} + {self.method} adapter {self.adapter}" if self.adapter else self.base_model
         )
-        return f"{what} ({self.precision.describe()})"
+        return f"{what} ({self.precision.describe()}; {self.decoding.describe()})"
 
     @property
     def group(self) -> str:

@@ -21,6 +21,7 @@ from bench.common import (
     RESULTS,
     ROOT,
     bar_chart,
+    cpu_name,
     last_json_line,
     log,
     machine_load,
@@ -113,27 +114,32 @@ def time_stream(pieces, tokenizer, total: int, start: float) -> dict:
     }
 
 
-def bench_ours(config: DecodeSpeedConfig) -> dict:
-    """The app's path: load_chat_model() (default precision) + stream_reply."""
+def bench_ours(config: DecodeSpeedConfig) -> tuple[dict, dict]:
+    """The app's path: load_chat_model() (default precision) + stream_reply, with its decode loop (the fast
+    one, assistant/decode.py, where the model allows it) and with transformers' generate() as the loop.
+
+    Both on the one loaded model, runs alternating, so a noisy neighbour slows both alike (a second loaded
+    model would also start a second engine thread, whose OpenMP team halves the speed on 2 cores)."""
+    from assistant.decode import GENERATE, Decoding
     from assistant.generation import stream_reply
     from assistant.loading import load_chat_model
 
     chat = load_chat_model()
+    loops = {"fast": chat.host.decoding, "generate": Decoding(GENERATE, "bench.decode_speed's reference run")}
     msgs = messages(config)
-    for _ in stream_reply(chat, msgs, forced_params(8)):  # warm-up
-        pass
-    runs = []
+    runs: dict[str, list] = {name: [] for name in loops}
     for _ in range(config.repeats):
-        start = time.perf_counter()
-        runs.append(
-            time_stream(
-                stream_reply(chat, msgs, forced_params(config.max_new_tokens)),
-                chat.tokenizer,
-                config.max_new_tokens,
-                start,
-            )
-        )
-    return summarize(runs, precision=chat.precision.name, weight_bytes=weight_bytes(chat.model))
+        for name, decoding in loops.items():
+            chat.host.decoding = decoding
+            for _ in stream_reply(chat, msgs, forced_params(8)):  # warm-up (and the loop's first batch)
+                pass
+            start = time.perf_counter()
+            runs[name].append(time_stream(stream_reply(chat, msgs, forced_params(config.max_new_tokens)),
+                                          chat.tokenizer, config.max_new_tokens, start))
+    chat.host.decoding = loops["fast"]
+    common = {"precision": chat.precision.name, "weight_bytes": weight_bytes(chat.model)}
+    return (summarize(runs["fast"], decoding=loops["fast"].engine, **common),
+            summarize(runs["generate"], decoding=GENERATE, **common))
 
 
 def bench_plain(config: DecodeSpeedConfig, prompt_ids: list[int]) -> dict:
@@ -313,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from assistant.chat_format import encode_prompt
-    from assistant.models import load_tokenizer
+    from assistant.models import cpu_has_bf16, load_tokenizer
 
     torch.set_num_threads(config.threads)
     prompt_ids = encode_prompt(load_tokenizer("embedded"), messages(config))
@@ -321,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     engines: dict[str, dict] = {}
     # llama.cpp first: its build (if needed) must not overlap the torch timings.
     llama = bench_llamacpp(config, prompt_ids)
-    log("timing ours (load_chat_model + stream_reply)")
-    engines["ours (stream_reply)"] = bench_ours(config)
+    log("timing ours (load_chat_model + stream_reply), its decode loop and generate() alternating")
+    engines["ours (stream_reply)"], engines["ours, generate() loop"] = bench_ours(config)
     log("timing plain transformers fp32")
     engines["plain transformers fp32"] = bench_plain(config, prompt_ids)
     engines["llama.cpp"] = llama
@@ -332,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     final = {
         "decode_tok_s_ours": ours["decode_tok_s"],
         "decode_tok_s_plain": engines["plain transformers fp32"]["decode_tok_s"],
+        "decode_tok_s_ours_generate": engines["ours, generate() loop"]["decode_tok_s"],
+        "ratio_fast_vs_generate_loop": ratio(ours["decode_tok_s"], engines["ours, generate() loop"]["decode_tok_s"]),
+        "decoding_ours": ours["decoding"],
         "decode_tok_s_llamacpp": llama.get("decode_tok_s"),
         "ratio_vs_llamacpp": ratio(ours["decode_tok_s"], llama.get("decode_tok_s")),
         "ratio_vs_plain": ratio(ours["decode_tok_s"], engines["plain transformers fp32"]["decode_tok_s"]),
@@ -350,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_tokens": len(prompt_ids),
         "threads": config.threads,
         "quick": config.quick,
+        "cpu": cpu_name(),
+        "cpu_bf16": cpu_has_bf16(),
         "load_avg_1m_start": load,
     }
     write_results(
@@ -357,11 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         {"final": final, "config": vars(config), "engines": engines},
         Path(config.output).parent,
     )
-    labels = ["ours", "plain fp32", "llama.cpp", "bound (ours)"]
+    labels = ["ours", "ours, generate()", "plain fp32", "llama.cpp", "bound (ours)"]
     bar_chart(
         Path(config.output).with_suffix(".png"),
         labels,
-        [final["decode_tok_s_ours"], final["decode_tok_s_plain"], final["decode_tok_s_llamacpp"], bound],
+        [final["decode_tok_s_ours"], final["decode_tok_s_ours_generate"], final["decode_tok_s_plain"],
+         final["decode_tok_s_llamacpp"], bound],
         title=f"Decode speed, {config.max_new_tokens} tokens, {config.threads} threads",
         ylabel="tokens / s",
     )

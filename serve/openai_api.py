@@ -73,8 +73,9 @@ class OpenAIServer:
         return getattr(self.registry, "aliases", {})
 
     async def models(self, request: Request):
-        """GET /v1/models; each adapter's object also says the system prompt it was trained with and its
-        generation settings (what this server applies when a request leaves them out)."""
+        """GET /v1/models; each adapter's object also says the system prompt it was trained with, its
+        generation settings (what this server applies when a request leaves them out) and how it is served
+        (device, precision, decode loop and why)."""
         return {"object": "list", "data": await run_in_threadpool(self._model_objects)}
 
     def _model_objects(self) -> list[dict]:
@@ -90,6 +91,8 @@ class OpenAIServer:
             if trained is not None and trained.text is not None:
                 item["trained_system_prompt"] = trained.text
             item["generation_config"] = self.registry.generation_defaults(choice)
+            if hasattr(self.registry, "serving"):  # a stand-in registry (tests, a remote front end) may not say
+                item["serving"] = self.registry.serving(choice)
             objects.append(item)
         return objects
 

@@ -265,6 +265,17 @@ class ModelRegistry:
         folder = self.adapters.get(choice)
         return generation_defaults_of(base_of(self.base_model, folder), folder)
 
+    def serving(self, choice: str | None) -> dict:
+        """How a choice is served: device and precision, and once it is loaded its decode loop and why
+        (/v1/models says it)."""
+        choice = self._choice(choice)
+        cached = self._models.get(choice)
+        if cached is None:
+            base = base_of(self.base_model, self.adapters.get(choice))
+            return {"precision": pick_precision(self.precision, base=base).describe(), "loaded": False}
+        chat = cached[1]
+        return {"precision": chat.precision.describe(), "loaded": True, "decoding": chat.decoding.as_dict()}
+
     def stream(self, choice: str | None, messages: list[dict[str, str]], params: GenerationParams, *,
                cancel: threading.Event, use_adapter: bool = True,
                on_trim: Callable[[int], None] | None = None) -> Iterator[str]:

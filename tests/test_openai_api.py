@@ -23,6 +23,15 @@ def test_models_lists_base_and_adapters(client):
     assert {m.id for m in client.models.list().data} == {"base", "pirate"}
 
 
+def test_models_say_how_each_is_served_once_loaded(client):
+    client.chat.completions.create(model="pirate", messages=HELLO, max_tokens=2, temperature=0)
+    served = {m.id: m.model_extra["serving"] for m in client.models.list().data}
+    pirate = served["pirate"]
+    assert pirate["loaded"] and pirate["precision"].startswith("cpu")
+    # The embedded model is a Llama model: the fast loop serves it, and says why.
+    assert pirate["decoding"]["engine"] == "lean step" and "Llama" in pirate["decoding"]["why"], pirate
+
+
 def test_streamed_reply_arrives_in_several_chunks(client):
     stream = client.chat.completions.create(
         model="base", messages=HELLO, stream=True, max_tokens=24, temperature=0

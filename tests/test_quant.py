@@ -139,10 +139,8 @@ def test_int4_replies_decode_every_quantized_layer_through_the_packed_kernel(mon
         calls[layers[packed.data_ptr()]] += 1
         return kernel(rows, packed, *args)
 
-    forwards: list[torch.Tensor] = []  # input ids of each forward pass of the reply
-    hook = chat.model.register_forward_pre_hook(
-        lambda module, args, kwargs: forwards.append(kwargs["input_ids"]), with_kwargs=True
-    )
+    forwards: list[torch.Tensor] = []  # input ids of each forward pass of the reply (whichever loop decodes)
+    hook = chat.model.get_input_embeddings().register_forward_pre_hook(lambda module, args: forwards.append(args[0]))
     monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", counting_kernel)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     try:
