@@ -13,6 +13,7 @@ window, generation settings it does not apply) is served by `generate()`, with t
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,11 @@ class Decoding:
         return {"engine": self.engine, "why": self.why, "attention": self.attention}
 
 
+def _transformers_model(model):
+    """The transformers model inside a peft model (itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoding_of(model) -> Decoding:
     """The fast loop where it can decode as generate() would, else generate() with the reason; attention in
     fp32 where this CPU runs it faster than in the model's half precision (measured here, at load)."""
@@ -83,7 +89,7 @@ def decoding_of(model) -> Decoding:
     if why is not None:
         return Decoding(GENERATE, f"the lean step does not handle {why}")
     why = "a Llama-family model, stepped without generate()'s per-token work"
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _transformers_model(model)
     dtype = base.model.norm.weight.dtype
     if dtype == torch.float32 or base.device.type != "cpu":
         return Decoding(FAST, why)
@@ -100,8 +106,6 @@ TIMED_POSITIONS = 256  # a support chat's history is a few hundred tokens
 
 def attention_timing(config, dtype: torch.dtype, repeats: int = 40) -> float:
     """Microseconds of one layer's single-token attention over TIMED_POSITIONS positions in `dtype` (median)."""
-    import time
-
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     q = torch.randn(1, config.num_attention_heads, 1, dim, dtype=dtype)
     kv = torch.randn(1, config.num_key_value_heads, TIMED_POSITIONS, dim, dtype=dtype)
@@ -116,7 +120,7 @@ def attention_timing(config, dtype: torch.dtype, repeats: int = 40) -> float:
 
 def unsupported(model) -> str | None:
     """Why `model` (a transformers model, or a peft model around one) cannot take the fast path; None if it can."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _transformers_model(model)
     config = base.config
     if config.model_type not in LLAMA_LIKE:
         return f"model type {config.model_type!r} is not one it steps (it steps {', '.join(sorted(LLAMA_LIKE))})"
@@ -165,7 +169,7 @@ class _Stepper:
     """One batch's forward passes, each layer's keys/values kept between them."""
 
     def __init__(self, model, adapter_names: list[str] | None, attention: str | None = None):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = _transformers_model(model)
         self.attention_dtype = torch.float32 if attention == "fp32" else None  # None: the layers' own
         self.decoder, self.head, self.names = base.model, base.lm_head, adapter_names
         config = base.config
@@ -284,7 +288,7 @@ def lean_generate(
     rows, width = input_ids.shape
     stepper = _Stepper(model, adapter_names, attention)
     chain = processors(params, attention_mask, LogitsProcessorList(logits_processor))
-    eos = (model.get_base_model() if hasattr(model, "get_base_model") else model).generation_config.eos_token_id
+    eos = _transformers_model(model).generation_config.eos_token_id
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
     # Positions as generate() numbers left-padded rows: from 0 at each row's first real token.
     positions = attention_mask.long().cumsum(-1) - 1
