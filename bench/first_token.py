@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,23 @@ class FirstTokenConfig:
     output: str = field(default=str(RESULTS / f"{NAME}.json"), metadata={"help": "Where to write the JSON results."})
 
 
+def clear(page, timeout_s: float = 120.0) -> None:
+    """An empty chat. Clear again while the page still restores the saved history: on a loaded machine the
+    restore can land after the first click (seen at load 6 beside the test suite)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        page.click("#clear")
+        try:
+            page.wait_for_function("document.querySelectorAll(\"#chatbot [data-testid='bot']\").length === 0",
+                                   timeout=5_000)
+            return
+        except PlaywrightTimeout:
+            if time.monotonic() > deadline:
+                raise
+
+
 def measure(url: str, rounds: int) -> list[float]:
     """Seconds from Enter to the first reply text, one per round (after a warm-up round)."""
     from playwright.sync_api import sync_playwright
@@ -69,9 +87,7 @@ def measure(url: str, rounds: int) -> list[float]:
         page.evaluate(WATCH)
         times = []
         for i in range(rounds + 1):
-            page.click("#clear")
-            page.wait_for_function("document.querySelectorAll(\"#chatbot [data-testid='bot']\").length === 0",
-                                   timeout=120_000)  # a loaded machine (a CI run beside other tests) is slow
+            clear(page)
             page.fill("#message textarea", MESSAGES[i % len(MESSAGES)])
             before = page.evaluate(f"localStorage.getItem({STORAGE_KEY!r})")
             page.press("#message textarea", "Enter")
