@@ -265,9 +265,9 @@ class BatchEngine:
                 if batch[0].params.seed is not None:
                     torch.manual_seed(batch[0].params.seed)
                 model, context, extra = host.runner(batch[0].group, [r.adapter for r in batch])
-                lean = host.decoding.engine == FAST and batch[0].group not in host.prefix
-                generate = (functools.partial(lean_generate, model, attention=host.decoding.attention) if lean
-                            else model.generate)
+                decoding = host.decoding_for(batch[0].group)
+                generate = (functools.partial(lean_generate, model, attention=decoding.attention)
+                            if decoding.engine == FAST else model.generate)
                 with context:
                     resumed = reuse and any(r.kv for r in batch)
                     output = generate(

@@ -285,7 +285,7 @@ def lean_generate(
     last token, a streamer, per-row stopping criteria), decoded by `_Stepper`; `attention` "fp32" attends
     in fp32 (the same tokens as generate() but where its bf16 rounding decides a near tie)."""
     del return_dict_in_generate  # always a dict-like output
-    rows, width = input_ids.shape
+    rows = input_ids.shape[0]
     stepper = _Stepper(model, adapter_names, attention)
     chain = processors(params, attention_mask, LogitsProcessorList(logits_processor))
     eos = _transformers_model(model).generation_config.eos_token_id

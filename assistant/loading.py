@@ -53,6 +53,13 @@ class Host:
             self.decoding = decoding_of(self.base)
             logger.info("decoding %s: %s", self.name, self.decoding.describe())
 
+    def decoding_for(self, group: str) -> Decoding:
+        """How a batch group's rows decode: the host's way, except a prefix adapter's (peft builds its
+        keys/values, so generate() runs it)."""
+        if group in self.prefix:
+            return Decoding(GENERATE, "prefix tuning's keys/values come from peft")
+        return self.decoding
+
     def attach(self, folder: str | Path) -> tuple[str, str]:
         """Attach an adapter folder (once) and return (its adapter name, its method)."""
         info = read_folder(folder).require()
@@ -177,11 +184,8 @@ class ChatModel:
 
     @property
     def decoding(self) -> Decoding:
-        """How this choice's replies decode: its host's way, except prefix tuning's (generate() builds its cache)."""
-        if self.method == "prefix" or self.host is None:
-            why = "prefix tuning's keys/values come from peft" if self.host else "no host"
-            return Decoding(GENERATE, why)
-        return self.host.decoding
+        """How this choice's replies decode (its host decides, by batch group)."""
+        return self.host.decoding_for(self.group) if self.host else Decoding(GENERATE, "no host")
 
     def describe(self) -> str:
         """Human summary for the log and the UI."""

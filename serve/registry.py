@@ -265,14 +265,17 @@ class ModelRegistry:
         folder = self.adapters.get(choice)
         return generation_defaults_of(base_of(self.base_model, folder), folder)
 
+    def _precision_of(self, choice: str) -> str:
+        """The device and precision a choice that is not loaded yet will load in."""
+        return pick_precision(self.precision, base=base_of(self.base_model, self.adapters.get(choice))).describe()
+
     def serving(self, choice: str | None) -> dict:
         """How a choice is served: device and precision, and once it is loaded its decode loop and why
         (/v1/models says it)."""
         choice = self._choice(choice)
         cached = self._models.get(choice)
         if cached is None:
-            base = base_of(self.base_model, self.adapters.get(choice))
-            return {"precision": pick_precision(self.precision, base=base).describe(), "loaded": False}
+            return {"precision": self._precision_of(choice), "loaded": False}
         chat = cached[1]
         return {"precision": chat.precision.describe(), "loaded": True, "decoding": chat.decoding.as_dict()}
 
@@ -292,9 +295,7 @@ class ModelRegistry:
         elif choice in self._unavailable:
             line = f"{choice}: unavailable"
         else:
-            adapter = self.adapters.get(choice)
-            base = base_of(self.base_model, adapter)
-            line = f"{choice}: loads on first use ({pick_precision(self.precision, base=base).describe()})"
+            line = f"{choice}: loads on first use ({self._precision_of(choice)})"
         broken = self.unavailable
         if broken:
             line += "  \n**Unavailable:** " + "; ".join(f"`{label}` ({u.describe()})" for label, u in broken.items())
