@@ -1,8 +1,12 @@
 """`python -m bench.concurrency`: aggregate tokens/s and time to first chunk with 1, 4 and 8 simultaneous chats.
 
 Starts the app (`python -m ui`) on a free 127.0.0.1 port, sends N chats at once through
-gradio_client to its `/chat` endpoint, and stops the server at the end. Every request has a
-deadline; a request past it is cancelled and counted as a failure.
+gradio_client to its `/chat` endpoint, then through the OpenAI API, and stops the server at the end.
+Every request has a deadline; a request past it is cancelled and counted as a failure. Each level
+runs `--rounds` times, the levels taking turns, and reports its median round (the machine here is
+shared: one round swings by a third). Start-up is timed too: launch -> page served -> first token of
+a first chat, warm (the model cache filled) and, with `--cold_start`, from an empty cache; "served" is
+when the page and `/v1/models` both answer.
 
 `--adapters N` measures serving many adapters of one base instead: N LoRA adapters (train.sft's
 default shape, random weights) in the app's adapters folder; the server's resident memory with 1
@@ -103,8 +107,20 @@ class ConcurrencyConfig:
     store_rounds: int = field(
         default=5, metadata={"help": "Rounds of each arm with --store (the median round counts)."}
     )
+    rounds: int = field(
+        default=3,
+        metadata={"help": "Rounds of every chat level (the levels take turns; each level reports its median "
+                          "round's tokens/s and TTFT percentiles over all its rounds' chats), and of each arm "
+                          "with --adapters."},
+    )
+    cold_start: bool = field(
+        default=True,
+        metadata={"help": "Also time a start with an empty model cache (the embedded model converted from its "
+                          "GGUF again, as on a fresh machine) beside the warm start the levels use."},
+    )
     quick: bool = field(
-        default=False, metadata={"help": "CI smoke run: 8 new tokens per request; 2 rounds per arm with --store."}
+        default=False, metadata={"help": "CI smoke run: 8 new tokens per request, 1 round per level (2 per arm "
+                                         "with --store), no cold start."}
     )
     output: str = field(
         default=str(RESULTS / f"{NAME}.json"), metadata={"help": "Where to write the JSON results."}
@@ -115,6 +131,7 @@ class ConcurrencyConfig:
         if self.quick:
             self.max_new_tokens = 8
             self.store_rounds = min(self.store_rounds, 2)
+            self.rounds, self.cold_start = 1, False
 
 
 class AppServer:
@@ -124,8 +141,10 @@ class AppServer:
     bench writes nothing into the repository (or into a database $ASSISTANT_DATABASE_URL names).
     """
 
-    def __init__(self, startup_timeout: float, precision: str = "auto", adapters: int = 0):
-        self.port, self.precision, self.adapters = free_port(), precision, adapters
+    def __init__(self, startup_timeout: float, precision: str = "auto", adapters: int = 0, cache: Path | None = None):
+        self.port, self.precision, self.adapters, self.cache = free_port(), precision, adapters, cache
+        self.launched = 0.0  # perf_counter() at launch
+        self.startup_s: float | None = None  # launch -> the page is served
         self.url = f"http://127.0.0.1:{self.port}/"
         self.startup_timeout = startup_timeout
         self.folder = tempfile.TemporaryDirectory(prefix="bench-app-")
@@ -143,7 +162,9 @@ class AppServer:
             "GRADIO_ANALYTICS_ENABLED": "False",
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
+            **({"ASSISTANT_CACHE": str(self.cache)} if self.cache else {}),
         }
+        self.launched = time.perf_counter()
         with self.log_path.open("w") as out:
             self.proc = subprocess.Popen(
                 [
@@ -179,13 +200,15 @@ class AppServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the app exited with code {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url, timeout=5) as response:
-                    if response.status == 200:
+            try:  # ready once the page and the OpenAI API (mounted just after the page) both answer
+                with urllib.request.urlopen(self.url, timeout=5) as page, \
+                        urllib.request.urlopen(self.url + "v1/models", timeout=5) as api:
+                    if page.status == api.status == 200:
+                        self.startup_s = time.perf_counter() - self.launched
                         return
-            except OSError:
+            except OSError:  # refused, or a 404 from /v1 before it is mounted
                 pass
-            time.sleep(1.0)
+            time.sleep(0.2)
         raise TimeoutError(
             f"the app did not serve {self.url} within {self.startup_timeout:.0f} s:\n{self.log_tail()}"
         )
@@ -385,42 +408,66 @@ def run_level(
 def render(levels: dict[int, dict]) -> str:
     """The readable table."""
     rows = [
-        [n, r["tokens"], r["wall_s"], r["tok_s"], r["p50_ttft_s"], r["p95_ttft_s"], r["failures"]]
+        [n, r["tok_s"], r["best_tok_s"], r["p50_ttft_s"], r["p95_ttft_s"], r["failures"]]
         for n, r in levels.items()
     ]
-    return table(["chats", "tokens", "wall s", "tok/s", "p50 TTFT s", "p95 TTFT s", "failures"], rows)
+    return table(["chats", "median tok/s", "best tok/s", "p50 TTFT s", "p95 TTFT s", "failures"], rows)
 
 
-def measure(url: str, config: ConcurrencyConfig, api: bool = False) -> dict[int, dict]:
-    """Warm the app with one chat, then run every level (through /chat, or the OpenAI API with `api`)."""
+def token_counter():
+    """Tokens of a reply, counted with the embedded model's tokenizer."""
     from assistant.models import load_tokenizer
 
     tokenizer = load_tokenizer("embedded")
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
 
-    def count_tokens(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
 
+def measure(url: str, config: ConcurrencyConfig, api: bool = False) -> tuple[dict[int, dict], dict[int, list]]:
+    """Warm the app with one chat, then run every level `config.rounds` times, the levels taking turns
+    (through /chat, or the OpenAI API with `api`). Returns each level's summary (its median round's tokens/s,
+    TTFT percentiles over every chat of its rounds) and its rounds."""
+    count_tokens = token_counter()
     warm = run_level(url, 1, config, count_tokens, api)
     log(f"warm-up: {warm['tokens']} tokens, errors {warm['errors']}")
-    results = {}
-    for n in config.levels:
-        log(f"{n} simultaneous chat(s){' through the OpenAI API' if api else ''}")
-        results[n] = run_level(url, n, config, count_tokens, api)
-        log(
-            f"  {results[n]['tok_s']} tok/s, p95 TTFT {results[n]['p95_ttft_s']} s, errors {results[n]['errors']}"
-        )
-    return results
+    rounds: dict[int, list] = {n: [] for n in config.levels}
+    for i in range(config.rounds):
+        for n in config.levels:
+            result = run_level(url, n, config, count_tokens, api)
+            rounds[n].append({"round": i + 1, **result})
+            log(f"round {i + 1}, {n} simultaneous chat(s){' through the OpenAI API' if api else ''}: "
+                f"{result['tok_s']} tok/s, p95 TTFT {result['p95_ttft_s']} s, errors {result['errors']}")
+    return {n: {"chats": n, **_arm_summary(runs)} for n, runs in rounds.items()}, rounds
+
+
+def first_answer_s(server: AppServer) -> float:
+    """Seconds from launching the app to the first token of its first chat (OpenAI API, greedy)."""
+    outcome = Outcome(MESSAGES[0])
+    (client,) = _clients(server.url, 1, api=True)
+    try:
+        one_api_chat(client, outcome.message, ConcurrencyConfig(max_new_tokens=8), server.launched, outcome)
+    finally:
+        client.close()
+    if outcome.ttft_s is None:
+        raise RuntimeError(f"the app's first chat gave no text:\n{server.log_tail()}")
+    return outcome.ttft_s
+
+
+def measure_startup(config: ConcurrencyConfig) -> dict:
+    """Start-up of the app, each start on its own after the levels: with the model cache filled (warm) and,
+    with --cold_start, with an empty one: launch -> page served, and launch -> first token of a first chat."""
+    with AppServer(config.startup_timeout, config.precision) as warm:
+        result = {"startup_s_warm": round(warm.startup_s, 2), "first_answer_s_warm": round(first_answer_s(warm), 2)}
+    if config.cold_start:
+        with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache, \
+                AppServer(config.startup_timeout, config.precision, cache=Path(cache)) as cold:
+            result.update(startup_s_cold=round(cold.startup_s, 2), first_answer_s_cold=round(first_answer_s(cold), 2))
+    log(f"start-up: {result}")
+    return result
 
 
 def measure_adapters(server: AppServer, config: ConcurrencyConfig) -> dict:
     """Memory with 1 and N adapters attached; 8 chats over 4 adapters vs 8 on one (OpenAI API, greedy)."""
-    from assistant.models import load_tokenizer
-
-    tokenizer = load_tokenizer("embedded")
-
-    def count_tokens(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
-
+    count_tokens = token_counter()
     names = [f"adapter{i}" for i in range(config.adapters)]
     started_mb = resident_mb(server.proc.pid)  # the default choice (adapter0) is loaded at start
     run_level(server.url, 1, config, count_tokens, api=True, models=names[:1])  # warm
@@ -430,13 +477,13 @@ def measure_adapters(server: AppServer, config: ConcurrencyConfig) -> dict:
     all_mb = resident_mb(server.proc.pid)
     spread = names[: min(4, len(names))]
     rounds = {"one adapter": [], f"{len(spread)} adapters": []}
-    for _ in range(2):  # alternate, so drift in machine load hits both alike
+    for _ in range(max(2, config.rounds)):  # alternate, so drift in machine load hits both alike
         rounds["one adapter"].append(run_level(server.url, 8, config, count_tokens, api=True, models=names[:1]))
         rounds[f"{len(spread)} adapters"].append(run_level(server.url, 8, config, count_tokens, api=True, models=spread))
-    best = {k: max(runs, key=lambda r: r["tok_s"] or 0) for k, runs in rounds.items()}
-    for key, result in best.items():
-        log(f"8 chats, {key}: {result['tok_s']} tok/s, p95 TTFT {result['p95_ttft_s']} s, errors {result['errors']}")
-    one, mixed = best["one adapter"], best[f"{len(spread)} adapters"]
+    summary = {k: _arm_summary(runs) for k, runs in rounds.items()}  # the median round, as --store reports
+    for key, result in summary.items():
+        log(f"8 chats, {key}: {result['tok_s']} tok/s, p95 TTFT {result['p95_ttft_s']} s, failures {result['failures']}")
+    one, mixed = summary["one adapter"], summary[f"{len(spread)} adapters"]
     return {
         "adapters": config.adapters,
         "rss_mb_at_start": round(started_mb, 1),
@@ -476,13 +523,7 @@ def _arm_summary(runs: list[dict]) -> dict:
 
 def measure_store(url: str, config: ConcurrencyConfig) -> dict:
     """8 streamed API chats with and without `store: true`, alternating; then count what was stored."""
-    from assistant.models import load_tokenizer
-
-    tokenizer = load_tokenizer("embedded")
-
-    def count_tokens(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
-
+    count_tokens = token_counter()
     warm_metadata = {"bench": "warm-up"}  # warms the batch of 8 and the store's write path, listed apart
     warm = run_level(url, STORE_CHATS, config, count_tokens, api=True, store_metadata=warm_metadata)
     log(f"warm-up: {warm['tokens']} tokens, errors {warm['errors']}")
@@ -605,12 +646,14 @@ def main(argv: list[str] | None = None) -> int:
                       output.parent)
         print_final(final)
         return 0
+    startup = {}
     if config.url:
-        levels, api_levels = measure(config.url, config), measure(config.url, config, api=True)
+        (levels, rounds), (api_levels, api_rounds) = measure(config.url, config), measure(config.url, config, api=True)
     else:
         with AppServer(config.startup_timeout, config.precision) as server:
             log(f"app serving at {server.url}")
-            levels, api_levels = measure(server.url, config), measure(server.url, config, api=True)
+            (levels, rounds), (api_levels, api_rounds) = measure(server.url, config), measure(server.url, config, api=True)
+        startup = measure_startup(config)
     top = max(config.levels)
     final = {
         **{f"tok_s_{n}": r["tok_s"] for n, r in levels.items()},
@@ -622,6 +665,10 @@ def main(argv: list[str] | None = None) -> int:
         f"api_ratio_{top}_vs_1": ratio(api_levels[top]["tok_s"], api_levels.get(1, {}).get("tok_s")),
         **{f"api_p95_ttft_s_{n}": r["p95_ttft_s"] for n, r in api_levels.items()},
         "api_failures": sum(r["failures"] for r in api_levels.values()),
+        **startup,
+        "rounds": config.rounds,
+        "statistic": "tokens/s: median round; TTFT: percentiles over every round's chats",
+        "cpu": cpu_name(),
         "max_new_tokens": config.max_new_tokens,
         "precision": config.precision,
         "quick": config.quick,
@@ -634,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
             "config": vars(config),
             "levels": {str(n): r for n, r in levels.items()},
             "api_levels": {str(n): r for n, r in api_levels.items()},
+            "rounds": {str(n): r for n, r in rounds.items()},
+            "api_rounds": {str(n): r for n, r in api_rounds.items()},
         },
         Path(config.output).parent,
     )

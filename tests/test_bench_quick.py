@@ -33,7 +33,7 @@ REQUIRED = {
         "bound_tok_s",
     ],
     "concurrency": ["tok_s_1", "tok_s_4", "tok_s_8", "ratio_8_vs_1", "p95_ttft_s_8", "failures",
-                    "api_tok_s_1", "api_tok_s_8", "api_failures"],
+                    "api_tok_s_1", "api_tok_s_8", "api_failures", "startup_s_warm", "first_answer_s_warm"],
     # ROUGE-L may be 0 for 8-token replies: test_quality_quick checks its range instead.
     "quality": ["perplexity_ours", "perplexity_trl", "perplexity_base", "wall_s_ours", "wall_s_trl",
                 "peak_mb_ours", "peak_mb_trl"],
@@ -96,7 +96,8 @@ def test_decode_speed_quick(tmp_path: Path) -> None:
 def test_concurrency_quick(tmp_path: Path) -> None:
     final, saved, _ = run_quick("concurrency", tmp_path, timeout=600)
     check_final("concurrency", final)
-    assert set(saved["levels"]) == set(saved["api_levels"]) == {"1", "4", "8"}
+    assert set(saved["levels"]) == set(saved["api_levels"]) == set(saved["rounds"]) == {"1", "4", "8"}
+    assert final["first_answer_s_warm"] > final["startup_s_warm"] > 0, final
 
 
 @pytest.mark.slow
