@@ -115,8 +115,8 @@ class ConcurrencyConfig:
     )
     cold_start: bool = field(
         default=True,
-        metadata={"help": "Also time a start with an empty model cache (the embedded model converted from its "
-                          "GGUF again, as on a fresh machine) beside the warm start the levels use."},
+        metadata={"help": "Also time a second start, with an empty model cache (the embedded model converted from "
+                          "its GGUF again, as on a fresh machine), beside the levels' app's warm start."},
     )
     quick: bool = field(
         default=False, metadata={"help": "CI smoke run: 8 new tokens per request, 1 round per level (2 per arm "
@@ -144,7 +144,7 @@ class AppServer:
     def __init__(self, startup_timeout: float, precision: str = "auto", adapters: int = 0, cache: Path | None = None):
         self.port, self.precision, self.adapters, self.cache = free_port(), precision, adapters, cache
         self.launched = 0.0  # perf_counter() at launch
-        self.startup_s: float | None = None  # launch -> the page is served
+        self.startup_s: float | None = None  # launch -> the page and /v1 are served
         self.url = f"http://127.0.0.1:{self.port}/"
         self.startup_timeout = startup_timeout
         self.folder = tempfile.TemporaryDirectory(prefix="bench-app-")
@@ -452,17 +452,18 @@ def first_answer_s(server: AppServer) -> float:
     return outcome.ttft_s
 
 
-def measure_startup(config: ConcurrencyConfig) -> dict:
-    """Start-up of the app, each start on its own after the levels: with the model cache filled (warm) and,
-    with --cold_start, with an empty one: launch -> page served, and launch -> first token of a first chat."""
-    with AppServer(config.startup_timeout, config.precision) as warm:
-        result = {"startup_s_warm": round(warm.startup_s, 2), "first_answer_s_warm": round(first_answer_s(warm), 2)}
-    if config.cold_start:
-        with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache, \
-                AppServer(config.startup_timeout, config.precision, cache=Path(cache)) as cold:
-            result.update(startup_s_cold=round(cold.startup_s, 2), first_answer_s_cold=round(first_answer_s(cold), 2))
-    log(f"start-up: {result}")
+def startup(server: AppServer, kind: str) -> dict:
+    """A just-started app's start-up: launch -> page and /v1 served, launch -> first token of a first chat."""
+    result = {f"startup_s_{kind}": round(server.startup_s, 2), f"first_answer_s_{kind}": round(first_answer_s(server), 2)}
+    log(f"start-up ({kind}): {result}")
     return result
+
+
+def cold_startup(config: ConcurrencyConfig) -> dict:
+    """startup() of an app with an empty model cache: the embedded model is converted from its GGUF again."""
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache, \
+            AppServer(config.startup_timeout, config.precision, cache=Path(cache)) as cold:
+        return startup(cold, "cold")
 
 
 def measure_adapters(server: AppServer, config: ConcurrencyConfig) -> dict:
@@ -646,14 +647,16 @@ def main(argv: list[str] | None = None) -> int:
                       output.parent)
         print_final(final)
         return 0
-    startup = {}
+    started = {}
     if config.url:
         (levels, rounds), (api_levels, api_rounds) = measure(config.url, config), measure(config.url, config, api=True)
     else:
         with AppServer(config.startup_timeout, config.precision) as server:
             log(f"app serving at {server.url}")
+            started = startup(server, "warm")  # the levels' app (its model cache filled), before anything runs on it
             (levels, rounds), (api_levels, api_rounds) = measure(server.url, config), measure(server.url, config, api=True)
-        startup = measure_startup(config)
+        if config.cold_start:
+            started.update(cold_startup(config))
     top = max(config.levels)
     final = {
         **{f"tok_s_{n}": r["tok_s"] for n, r in levels.items()},
@@ -665,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         f"api_ratio_{top}_vs_1": ratio(api_levels[top]["tok_s"], api_levels.get(1, {}).get("tok_s")),
         **{f"api_p95_ttft_s_{n}": r["p95_ttft_s"] for n, r in api_levels.items()},
         "api_failures": sum(r["failures"] for r in api_levels.values()),
-        **startup,
+        **started,
         "rounds": config.rounds,
         "statistic": "tokens/s: median round; TTFT: percentiles over every round's chats",
         "cpu": cpu_name(),
