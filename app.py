@@ -77,7 +77,6 @@ if __name__ == "__main__":
         demo.registry.get(demo.registry.default_choice())
     demo.launch(server_name=config.host, server_port=config.port, auth=config.credentials(),
                 prevent_thread_lock=True)
-    demo.service.mount(demo.app)
     # A stop sends SIGTERM, which skips atexit: exit through it, so a job that is training is paused.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     demo.block_thread()

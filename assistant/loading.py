@@ -10,6 +10,7 @@ servable choice: a host, an adapter on it (or none) and the tokenizer it must be
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import logging
 import threading
@@ -81,6 +82,7 @@ class Host:
                     raise
         finally:
             self.attaching.clear()
+            _return_freed_memory()
         self.folders[key] = name
         return name, method
 
@@ -88,8 +90,11 @@ class Host:
         self.prefix.pop(name, None)
         self.solo.discard(name)
         if self.lora is not None and name in self.lora.peft_config:
+            from assistant import lora_batch
+
             with contextlib.suppress(Exception):  # best effort: the adapter failed to load anyway
                 self.lora.delete_adapter(name)
+                lora_batch.restack(self.lora)  # its rows leave the stacks now
 
     def _attach(self, folder: str | Path, name: str, method: str) -> None:
         from peft import PeftConfig, PeftModel
@@ -97,9 +102,9 @@ class Host:
         config = PeftConfig.from_pretrained(str(folder))
         config.inference_mode = True
         quantized = self.precision.name == "int4"
-        if method == "lora":
-            from assistant import lora_batch
+        from assistant import lora_batch
 
+        if method == "lora":
             lora_batch.enable()  # rows of any number of LoRA adapters in one batch at the cost of one
         if quantized and method == "lora":
             from peft.tuners.lora import Linear as LoraLinear
@@ -126,6 +131,8 @@ class Host:
         if not self.precision.bits:  # bitsandbytes models cannot be cast; peft casts per layer there
             model.to(self.precision_dtype)  # the adapter's weights compute in the base's dtype
         model.eval()
+        if method == "lora":
+            lora_batch.restack(model)  # the stacks become the one copy of every LoRA adapter's weights
 
     @property
     def precision_dtype(self):
@@ -143,6 +150,15 @@ class Host:
         if self.lora is None:
             return self.base, contextlib.nullcontext(), {}
         return self.lora, contextlib.nullcontext(), {"adapter_names": [a or BASE_ROW for a in adapters]}
+
+
+def _return_freed_memory() -> None:
+    """Give the heap pages an attach freed (a file's fp32 weights, the old stacks) back to the system."""
+    # glibc keeps freed pages for reuse, so without this the resident memory grows by the load's transients
+    # at every attach; elsewhere (no glibc) there is nothing to call.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
 
 @contextlib.contextmanager
 def _only_adapter(model, name: str) -> Iterator[None]:

@@ -200,13 +200,13 @@ class AppServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the app exited with code {self.proc.returncode}:\n{self.log_tail()}")
-            try:  # ready once the page and the OpenAI API (mounted just after the page) both answer
+            try:  # ready once the page and the OpenAI API both answer (the API is mounted before the server listens)
                 with urllib.request.urlopen(self.url, timeout=5) as page, \
                         urllib.request.urlopen(self.url + "v1/models", timeout=5) as api:
                     if page.status == api.status == 200:
                         self.startup_s = time.perf_counter() - self.launched
                         return
-            except OSError:  # refused, or a 404 from /v1 before it is mounted
+            except OSError:  # refused: not listening yet
                 pass
             time.sleep(0.2)
         raise TimeoutError(

@@ -128,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     demo = build_app(ChatConfig(adapters_dir=str(adapters), jobs_dir=str(fresh(work / "jobs"))),
                      registry=ModelRegistry(str(adapters), default=BASE_CHOICE))
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    demo.service.mount(demo.app)
     try:
         client = OpenAI(base_url=url.rstrip("/") + "/v1", api_key="local", max_retries=2)
         file_id = client.files.create(file=items.open("rb"), purpose="evals").id

@@ -174,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
                      registry=ModelRegistry(str(adapters), default=ADAPTER))
     demo.registry.get(ADAPTER)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    demo.service.mount(demo.app)
     try:
         stored = store_and_correct(url.rstrip("/") + "/", others, config)
         log(f"stored {stored['stored']}, corrected {stored['corrected']} in {stored['seconds']} s")

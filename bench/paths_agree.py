@@ -70,7 +70,6 @@ def main(argv: list[str] | None = None) -> None:
     shutil.copytree(config.adapter, folder / choice)
     demo = build_app(ChatConfig(adapters_dir=str(folder), no_training=True), registry=ModelRegistry(folder))
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    demo.service.mount(demo.app)
     chat, v1 = Client(url, verbose=False), OpenAI(base_url=url.rstrip("/") + "/v1", api_key="local")
     agree, differ, started = 0, [], time.monotonic()
     try:

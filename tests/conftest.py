@@ -208,7 +208,6 @@ def app_server(lora_adapter, tmp_path_factory) -> Server:
     demo.registry.get(demo.registry.default_choice())  # load now, not inside the first test's timing
     port = free_port()
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    demo.service.mount(demo.app)  # the OpenAI-compatible API, served by the same server
     yield Server(url.rstrip("/") + "/", demo, demo.registry)
     demo.close()
 

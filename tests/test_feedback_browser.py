@@ -121,7 +121,6 @@ def _serve(root: Path, auth_file: Path, *, warm: bool):
         demo.registry.get(BASE_CHOICE)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), auth=config.credentials(),
                             prevent_thread_lock=True, quiet=True)
-    demo.service.mount(demo.app)  # /v1, where a record is opened by its id
     return demo, url
 
 

@@ -42,7 +42,6 @@ def app(tmp_path_factory) -> Server:
     jobs = job_runner(config, registry, train_args=FAST)
     demo = build_app(config, registry=registry, jobs=jobs)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    demo.service.mount(demo.app)
     yield Server(url.rstrip("/") + "/", demo, registry)
     jobs.close()
     demo.close()
@@ -286,7 +285,6 @@ def test_no_training_turns_the_api_off(tmp_path):
     config = ChatConfig(adapters_dir=str(tmp_path / "adapters"), jobs_dir=str(tmp_path / "jobs"), no_training=True)
     demo = build_app(config, registry=ModelRegistry(config.adapters_dir, default=BASE_CHOICE))
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    demo.service.mount(demo.app)
     try:
         assert demo.jobs is None and not (tmp_path / "jobs").exists()
         client = OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)

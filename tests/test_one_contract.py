@@ -36,7 +36,6 @@ def served(lora_adapter, tmp_path_factory):
     config = ChatConfig(adapters_dir=str(root), no_training=True)
     demo = build_app(config, registry=ModelRegistry(root, default=BASE_CHOICE))
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    demo.service.mount(demo.app)
     yield SimpleNamespace(url=url.rstrip("/") + "/", demo=demo)
     demo.close()
 

@@ -132,13 +132,38 @@ def test_wrong_key_gets_401_and_the_right_one_works(app_server, monkeypatch):
     _, url, _ = demo.launch(
         server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True
     )
-    demo.service.mount(demo.app)
     try:
         with pytest.raises(AuthenticationError) as denied:
             OpenAI(base_url=url + "v1", api_key="wrong", max_retries=0).models.list()
         assert denied.value.status_code == 401
         models = OpenAI(base_url=url + "v1", api_key="s3cret", max_retries=0).models.list()
         assert "base" in {m.id for m in models.data}
+    finally:
+        demo.close()
+
+
+def test_the_api_is_mounted_before_the_server_accepts_a_request(app_server, monkeypatch):
+    """A client polling /v1/models while `python -m ui` starts gets the API, never a 404 from a server that
+    listens before its routes are added."""
+    import socket
+
+    import serve.server
+    from ui.app import build_app
+    from ui.config import ChatConfig
+
+    port, listening, mount = free_port(), [], serve.server.Server.mount
+
+    def probing_mount(self, app):
+        with socket.socket() as probe:
+            listening.append(probe.connect_ex(("127.0.0.1", port)) == 0)
+        mount(self, app)
+
+    monkeypatch.setattr(serve.server.Server, "mount", probing_mount)
+    demo = build_app(ChatConfig(no_training=True), registry=app_server.registry)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        assert listening == [False], "the API was mounted after the server began to accept connections"
+        assert httpx.get(url + "v1/models", timeout=30).status_code == 200
     finally:
         demo.close()
 

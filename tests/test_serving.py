@@ -250,3 +250,41 @@ def test_a_dora_adapter_is_served_beside_lora_adapters(tmp_path, lora_adapter, m
                              repetition_penalty=GREEDY.repetition_penalty, max_new_tokens=GREEDY.max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id)
     assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == solo["dora"]
+
+
+@pytest.mark.slow
+def test_lora_adapters_are_held_once_and_gathered_rows_compute_as_peft_does(tmp_path):
+    import torch
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear
+
+    from assistant import lora_batch
+    from assistant.loading import load_host
+
+    # Two ranks and two scalings (12/4 and 8/8), on layers that only one of them adapts too.
+    small = random_adapter(tmp_path / "small", LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj"],
+                                                          task_type="CAUSAL_LM"), seed=1)
+    big = random_adapter(tmp_path / "big", LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                      task_type="CAUSAL_LM"), seed=2)
+    host = load_host("embedded", "bf16")
+    names = [host.attach(small)[0], host.attach(big)[0]]
+    layers = [m for m in host.lora.modules() if isinstance(m, Linear) and m.lora_A]
+    assert {n for layer in layers for n in layer.lora_A} == set(names)
+    rows = ["base", names[0], names[1], names[1], names[0]]
+    torch.manual_seed(0)
+    for layer in layers:
+        stack = layer._gathered_stack  # built at attach: peft's own copies are gone, not kept beside it
+        assert stack.a.dtype == stack.b.dtype == torch.bfloat16, "the stack holds the weights in the model's dtype"
+        for name in layer.lora_A:
+            for weight, held in ((layer.lora_A[name].weight, stack.a), (layer.lora_B[name].weight, stack.b)):
+                shared = weight.untyped_storage().data_ptr() == held.untyped_storage().data_ptr()
+                assert shared, f"{name}'s weights are a second copy beside the stack"
+        x = torch.randn(len(rows), 3, layer.in_features, dtype=torch.bfloat16)
+        with torch.no_grad():
+            base = layer.base_layer(x).float()
+            ours = lora_batch._gathered_forward(layer, x, adapter_names=rows).float()
+            theirs = lora_batch._peft_mixed_forward(layer, x, adapter_names=rows).float()
+        change = (theirs - base).abs().amax()
+        assert change > 1.0, "the adapters change this layer's output"
+        # peft sums the adapter's part in bf16, the gathered rows in fp32: equal up to bf16 rounding.
+        torch.testing.assert_close(ours, theirs, rtol=0.02, atol=0.01 * float(change))

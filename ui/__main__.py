@@ -54,7 +54,6 @@ def main(argv: list[str] | None = None) -> None:
         server_name=config.host, server_port=config.port, auth=auth, share=config.share,
         prevent_thread_lock=True, quiet=True,
     )
-    demo.service.mount(demo.app)
     # `kill` / docker stop send SIGTERM, which skips atexit: exit through it, so a fine-tuning job that is
     # training is paused (resumable) instead of left running with no server watching it.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

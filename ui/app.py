@@ -28,7 +28,9 @@ and a logged-in client (`auth=(user, password)`) needs no key.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Any
 
 import gradio as gr
 
@@ -55,6 +57,31 @@ STORAGE_KEY = "chat-assistant-history"
 CHAT_TAB, TRAIN_TAB, DATA_TAB, EVAL_TAB = "chat", "train", "data", "evaluate"
 
 
+class AppBlocks(PolicedBlocks):
+    """The app's Blocks: launch() also serves its service's OpenAI-compatible API (serve.server.Server.mount)."""
+
+    service: Server
+
+    def launch(self, *args: Any, **kwargs: Any):
+        """PolicedBlocks.launch, with /v1 mounted before the server accepts its first request."""
+        # In the app's lifespan: uvicorn runs it before it listens, so a client polling /v1/models while
+        # the app starts gets an answer, never a 404 from a server whose routes are still being added.
+        app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
+        theirs = app_kwargs.get("lifespan")
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            self.service.mount(app)
+            if theirs is None:
+                yield
+            else:
+                async with theirs(app) as state:
+                    yield state
+
+        app_kwargs["lifespan"] = lifespan
+        return super().launch(*args, app_kwargs=app_kwargs, **kwargs)
+
+
 def build_app(
     config: ChatConfig,
     *,
@@ -66,8 +93,8 @@ def build_app(
 ) -> gr.Blocks:
     """The Gradio app for `config`'s server (serve.server.Server; `registry` and `jobs` stand in for its
     own); `defaults` override the sliders' start (e.g. {"max_new_tokens": 12}: they start from the chosen
-    model's generation settings); `gpu` wraps generating functions (Spaces). After `launch`,
-    `demo.service.mount(demo.app)` adds the OpenAI-compatible API."""
+    model's generation settings); `gpu` wraps generating functions (Spaces). Its `launch` serves the
+    OpenAI-compatible API too (AppBlocks)."""
     server = server or Server(config, registry=registry, jobs=jobs)
     registry = server.registry
     turns = TurnLog()  # each reply's Turn, for the feedback it may get
@@ -85,8 +112,8 @@ def build_app(
     # Evaluations run on the in-process models (a --backend-url client has none here).
     evaluate = EvalTab(lambda: server.evals, server.model_ids, server.model_in_use, server.newest_adapter,
                        config.base_model or EMBEDDED, server.access) if server.local else None
-    # PolicedBlocks: its server forbids images from other origins (ui.inert).
-    with PolicedBlocks(title="Chat assistant") as demo:
+    # AppBlocks, a PolicedBlocks: its server forbids images from other origins (ui.inert).
+    with AppBlocks(title="Chat assistant") as demo:
         with gr.Tabs(selected=CHAT_TAB, elem_id="tabs") as tabs:
             with gr.Tab("Chat", id=CHAT_TAB, elem_id="chat-tab"):
                 ui = _layout(registry, handlers, export, feedback, promote)
@@ -113,7 +140,7 @@ def build_app(
     # Up to a batch of requests run at once (the runtime generates requests that arrive together in one
     # batch); the others wait in the queue, which shows their position, and beyond max_size are turned away.
     demo.queue(max_size=config.max_queue, default_concurrency_limit=MAX_BATCH)
-    demo.service = server  # the models, jobs and access rule behind the screens; mounts the API
+    demo.service = server  # the models, jobs and access rule behind the screens; its API mounts at launch
     demo.registry = registry  # the caller may warm a model or inspect what is loaded
     demo.handlers = handlers  # the screen's event functions (tests drive them as the screen would)
     demo.jobs = server.jobs  # the fine-tuning jobs (None: no training here); the caller closes it on shutdown
