@@ -117,7 +117,8 @@ class Server:
         return isinstance(self.registry, ModelRegistry)
 
     def mount(self, app) -> None:
-        """Serve the OpenAI-compatible API from the running web app `app` (in-process models only)."""
+        """Serve the OpenAI-compatible API from the web app `app` (in-process models only); ui.app.AppBlocks
+        calls it from the app's lifespan, before the server listens."""
         if not self.local:
             return
         config, gate = self.config, Gate(self.access)
