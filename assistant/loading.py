@@ -136,10 +136,8 @@ class Host:
 
     @property
     def precision_dtype(self):
-        """The dtype the base computes in (bf16 for int4)."""
-        import torch
-
-        return torch.bfloat16 if self.precision.name == "int4" else self.precision.dtype
+        """The dtype the base computes in (Precision.compute_dtype)."""
+        return self.precision.compute_dtype
 
     def runner(self, group: str, adapters: list[str | None]) -> tuple[object, contextlib.AbstractContextManager, dict]:
         """(model, context, generate kwargs) for a batch of `group` whose rows use `adapters` (None: base)."""
@@ -239,7 +237,7 @@ def _load_host(base: str, chosen: Precision) -> Host:
     if chosen.name == "int4":
         from assistant.quant import quantize_for_cpu
 
-        quantize_for_cpu(model)
+        quantize_for_cpu(model, chosen.compute_dtype)
     model.eval()
     return Host(base, model, tokenizer, chosen)
 

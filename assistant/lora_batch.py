@@ -37,6 +37,7 @@ class _Stack:
         self.a = torch.zeros(len(a) + 1, like.shape[1], rank, dtype=like.dtype, device=like.device)
         self.b = torch.zeros(len(b) + 1, rank, b[0].shape[0], dtype=like.dtype, device=like.device)
         self.scaling = [0.0] + [float(layer.scaling[name]) for name in self.names]
+        self.ranks = [0] + [w.shape[0] for w in a]
         self._batch: _Rows | None = None
         for i, (name, wa, wb) in enumerate(zip(self.names, a, b, strict=True), start=1):
             r = wa.shape[0]
@@ -69,8 +70,11 @@ class _Rows:
         self.a = self.b = None
         if len(adapters) == 1:  # one adapter (beside base rows): its matrices once, not a copy per row
             (i,) = adapters
-            self.a = stack.a[i].float().expand(len(index), -1, -1)
-            self.b = stack.b[i].float().expand(len(index), -1, -1)
+            # At its own rank, not the stack's padded one: the sums then never depend on which other adapters
+            # are attached (a longer reduction changes the order of additions, hence the last bits).
+            r = stack.ranks[i]
+            self.a = stack.a[i, :, :r].float().expand(len(index), -1, -1)
+            self.b = stack.b[i, :r].float().expand(len(index), -1, -1)
 
 
 def stack(layer: Linear) -> _Stack:

@@ -32,18 +32,26 @@ QUANT_ROWS = 8  # at most this many rows (tokens x batch) go through the packed 
 
 
 class QuantizedLinear(nn.Module):
-    """Shared forward: packed kernel for a few rows, the dense bf16 `weight` for more."""
+    """Shared forward: packed kernel for a few rows, the dense `weight` (in the compute dtype) for more.
+
+    The packed kernels take bf16 rows and return bf16 sums. The dense path rounds its rows and sums the same
+    way, so where the model computes in fp32 (a CPU without bf16 units) a token gets the same sums whether
+    its forward ran many rows (a prompt) or few (a decode step, a resumed prompt's tail), up to the order of
+    additions; in bf16 both roundings are no-ops.
+    """
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias  # frozen; cast to bf16 with the model
+        self.weight, self.bias = linear.weight, linear.bias  # frozen; cast to the compute dtype with the model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
+        rows = x.reshape(-1, self.in_features).bfloat16()
         if rows.shape[0] > QUANT_ROWS:
-            return nn.functional.linear(x, self.weight, self.bias)
-        y = self._packed_matmul(rows.bfloat16()).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            y = nn.functional.linear(rows.to(self.weight.dtype), self.weight).bfloat16()
+        else:
+            y = self._packed_matmul(rows)
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def _packed_matmul(self, rows: torch.Tensor) -> torch.Tensor:
@@ -65,11 +73,17 @@ class Int4Linear(QuantizedLinear):
             "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
         )
         # The kernel computes (code - 8) * scale + zero, so zero = low + 8 * scale.
-        scale_zero = torch.stack([scale.squeeze(-1), (low + 8 * scale).squeeze(-1)], dim=-1)
-        self.register_buffer("scale_zero", scale_zero.transpose(0, 1).contiguous().bfloat16())
+        scale_zero = torch.stack([scale.squeeze(-1), (low + 8 * scale).squeeze(-1)], dim=-1).bfloat16()
+        self.register_buffer("scale_zero", _bits(scale_zero.transpose(0, 1).contiguous()))
+        # The dense copy holds the very weights the kernel multiplies by (its bf16 scales and zeros applied to
+        # the codes, exact in fp32), so the two paths differ in rounding only, never in the weights.
+        scale, zero = scale_zero.float().unsqueeze(-1).unbind(-2)
+        dense = (codes.reshape(groups.shape) - 8) * scale + zero
+        self.weight = nn.Parameter(dense.reshape(out_features, in_features), requires_grad=False)
 
     def _packed_matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scale_zero)
+        scale_zero = self.scale_zero.view(torch.bfloat16)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, scale_zero)
 
 
 class Int8Linear(QuantizedLinear):
@@ -80,14 +94,19 @@ class Int8Linear(QuantizedLinear):
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(1).clamp(min=1e-12) / 127
         self.register_buffer("codes", (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.bfloat16())
+        self.register_buffer("scale", _bits(scale))
 
     def _packed_matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(rows, self.codes, self.scale)
+        return torch._weight_int8pack_mm(rows, self.codes, self.scale.view(torch.bfloat16))
 
 
-def quantize_for_cpu(model: nn.Module) -> nn.Module:
-    """Swap the frozen linear layers for int4 ones and the LM head for an int8 one, in place; the rest -> bf16.
+def _bits(scales: torch.Tensor) -> torch.Tensor:
+    """bf16 scales held as their int16 bits, so casting the model to its compute dtype leaves them bf16."""
+    return scales.bfloat16().view(torch.int16)
+
+
+def quantize_for_cpu(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Swap the frozen linear layers for int4 ones and the LM head for an int8 one, in place; the rest -> `dtype`.
 
     Call it on the fp32 model (the exact weights), after any peft adapter is attached.
     """
@@ -106,6 +125,6 @@ def quantize_for_cpu(model: nn.Module) -> nn.Module:
             elif child.in_features % GROUP == 0:
                 setattr(parent, name, Int4Linear(child))
                 swaps += 1
-    model.to(torch.bfloat16)  # norms, embeddings and adapter weights; packed integer buffers keep their type
-    logger.info("int4 weights in %d linear layers, int8 LM head", swaps)
+    model.to(dtype)  # norms, embeddings, adapter weights, dense weights; integer buffers keep their type
+    logger.info("int4 weights in %d linear layers, int8 LM head, %s compute", swaps, dtype)
     return model

@@ -44,9 +44,10 @@ class ServerConfig:
     )
     precision: Literal["auto", "fp32", "bf16", "fp16", "int4", "8bit", "4bit"] = field(
         default="auto",
-        metadata={"help": "Weight precision. auto: on a GPU 8-bit (bitsandbytes); on a CPU with bf16 units "
-                          "int4 for the embedded model (its weights are 4-bit already), bf16 for others, "
-                          "else fp32. int4: 4-bit CPU kernels for any model (lossy unless it came from Q4_1)."}
+        metadata={"help": "Weight precision. auto: on a GPU 8-bit (bitsandbytes); on a CPU int4 for the "
+                          "embedded model (its weights are 4-bit already), and for others bf16 where the CPU "
+                          "has bf16 units, else fp32. int4: 4-bit CPU kernels for any model (lossy unless it "
+                          "came from Q4_1), computing in bf16 with bf16 units, else in fp32."}
     )
     host: str = field(default="127.0.0.1", metadata={"help": "Address to bind (0.0.0.0 to serve the network)."})
     port: int = field(default=7860, metadata={"help": "Port to listen on."})

@@ -45,8 +45,6 @@ NEEDS_LLAMACPP = needs("llama.cpp round trips (the export's --verify): llama.cpp
                        "apt-get install -y cmake g++ && .venv/bin/python -m train.export.llamacpp --build")
 NEEDS_CUDA = needs("GPU tests (8-bit serving, QLoRA training): torch sees no CUDA device",
                    "make test on a machine with an NVIDIA GPU (requirements.txt's torch from PyPI is a CUDA build)")
-NEEDS_BF16 = needs("int4 serving: this CPU has no bf16 units (AVX512-BF16 or AMX)",
-                   "make test on a CPU whose `lscpu` flags show avx512_bf16 or amx_bf16")
 NEEDS_NO_CUDA = needs("CPU-only checks (GPU options refused clearly without CUDA): this machine has CUDA",
                       "CUDA_VISIBLE_DEVICES= .venv/bin/python -m pytest -q tests/test_train.py")
 NEEDS_DATASETS = needs("Hugging Face dataset folders: the datasets package is not installed",

@@ -166,7 +166,7 @@ def test_a_model_it_does_not_know_is_served_by_generate_with_the_reason():
 
 def test_stop_tokens_end_rows_as_generate_does(host):
     """A row that ends early is padded while the others go on, and the batch ends when all have ended."""
-    short = [{"role": "user", "content": "What is 12 times 7?"}]  # answered in a few tokens
+    short = [{"role": "user", "content": "What is the capital of France?"}]  # 7 tokens, in every precision
     ids, mask = left_padded(host, [short, CONVERSATIONS[2]])
     eos = sorted(end_of_turn_ids(host.base.generation_config, host.tokenizer))
     model, _, extra = host.runner(MAIN, [None, None])  # base rows (LoRA layers are in the model now)

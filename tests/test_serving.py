@@ -14,7 +14,6 @@ from assistant.generation import GenerationParams, complete_reply
 from assistant.loading import load_chat_model
 from serve import registry as registry_module
 from serve.registry import BASE_CHOICE, ChoiceError, ModelRegistry
-from tests.conftest import NEEDS_BF16
 
 GREEDY = GenerationParams(max_new_tokens=10, temperature=0.0)
 HELLO = [{"role": "user", "content": "Hello, how are you today?"}]
@@ -69,10 +68,6 @@ def adapters_dir(tmp_path_factory, lora_adapter) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
 def test_adapters_share_one_base_and_decode_in_one_batch(adapters_dir, precision, monkeypatch):
-    from assistant.models import cpu_has_bf16
-
-    if precision == "int4" and not cpu_has_bf16():
-        pytest.skip(NEEDS_BF16)
     registry = ModelRegistry(adapters_dir, precision=precision)
     choices = [BASE_CHOICE, "pirate", "prefix", "sailor"]
     assert registry.choices == choices
@@ -291,3 +286,44 @@ def test_lora_adapters_are_held_once_and_gathered_rows_compute_as_peft_does(tmp_
                 assert change > 1.0, "the adapters change this layer's output"
             # peft sums the adapter's part in bf16, the gathered rows in fp32: equal up to bf16 rounding.
             torch.testing.assert_close(ours, theirs, rtol=0.02, atol=0.01 * float(change) + 1e-6)
+
+
+def test_an_adapters_rows_compute_the_same_whatever_else_is_attached():
+    """A batch of one adapter's rows is summed at that adapter's own rank, so attaching an adapter of a larger
+    rank (which pads the stack) changes not a bit of its output; in fp32 compute around bf16 kernels a last-bit
+    change is enough to flip a greedy reply."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import Linear
+
+    from assistant import lora_batch
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(576, 1536, bias=False)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Block(), LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]), adapter_name="small")
+    layer = model.base_model.model.proj
+    assert isinstance(layer, Linear)
+    with torch.no_grad():
+        layer.lora_B["small"].weight.normal_(0.0, 0.5)  # peft starts B at zero: no change at all
+    model.eval()  # served: the gathered rows (training keeps peft's own path)
+    lora_batch.enable()
+    x, rows = torch.randn(1, 12, 576), ["small"]  # a prompt's rows: where the reduction's blocking shows
+
+    def output() -> torch.Tensor:
+        lora_batch.restack(model)
+        with torch.no_grad():
+            return lora_batch._gathered_forward(layer, x, adapter_names=rows)
+
+    alone = output()
+    model.add_adapter("big", LoraConfig(r=64, lora_alpha=64, target_modules=["proj"]))
+    beside = output()
+    assert layer._gathered_stack.a.shape[-1] == 64, "the stack is padded to the larger rank"
+    assert (beside - layer.base_layer(x)).abs().amax() > 1.0, "the adapter changes the output"
+    assert torch.equal(alone, beside), f"{(alone != beside).float().mean():.4f} of the outputs changed"

@@ -138,11 +138,12 @@ def test_post_save_checks_fail_on_sabotaged_adapters(trained_lora, tmp_path):
     with pytest.raises(AdapterCheckError, match="does not load back"):
         verify_adapter(broken, "embedded", untrained, probes)
 
-    # Replies equal to the base model's: weights that changed by nothing visible.
+    # Replies equal to the base model's: weights that changed, by nothing visible (lora_A changed, lora_B still
+    # zero, so every layer adds exactly 0; a tiny lora_B is not invisible where fp32 sums round to bf16 rows).
     invisible = tmp_path / "invisible"
     shutil.copytree(trained_lora, invisible)
-    tiny = {k: v * 1e-6 if "lora_B" in k else v for k, v in saved.items()}
-    save_file(tiny, invisible / "adapter_model.safetensors")
+    nothing = {k: torch.zeros_like(v) if "lora_B" in k else 2 * v for k, v in saved.items()}
+    save_file(nothing, invisible / "adapter_model.safetensors")
     with pytest.raises(AdapterCheckError, match="equal the base model's"):
         verify_adapter(invisible, "embedded", untrained, probes, probe_tokens=12)
 
