@@ -10,12 +10,15 @@ stay in bf16 and unmerged (merging a small delta into 4-bit weights would round 
 
 The packed kernels win only for a few rows at a time: per row they cost ~2.5x a bf16 matmul's
 (measured: 1 row 36 vs 64 us, 8 rows 99 vs 92 us, 384 rows 4.1 vs 1.7 ms for a 1536x576 layer).
-So each layer also keeps its bf16 weight, used for prompts and batches of more than QUANT_ROWS
+So each layer also keeps a dense weight, used for prompts and batches of more than QUANT_ROWS
 rows: decoding up to QUANT_ROWS chats at once reads 95 MB per token instead of 269 MB and prompts
 stay as fast as bf16, for ~360 MB of memory instead of 269 MB (embedded model). Eight chats, the
 engine's largest batch, stay on the packed kernels: a whole decode step of 8 rows ran at 201-203
 tokens/s with them against 145-146 on the bf16 weights (the int8 LM head reads half the bytes; 4 rows:
 157-163 either way; AMD EPYC, 2 cores, assistant/decode.py's loop).
+On a CPU without bf16 units the model computes in fp32 instead (Precision.compute_dtype): the dense copy
+is then fp32 (~540 MB), and the kernels still win at every batch size up to 8 (AVX2 EPYC: 8 rows 74-80
+vs 56 tokens/s on the fp32 weights; one row 20-26 vs 14-15).
 """
 
 from __future__ import annotations
