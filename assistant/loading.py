@@ -94,7 +94,7 @@ class Host:
 
             with contextlib.suppress(Exception):  # best effort: the adapter failed to load anyway
                 self.lora.delete_adapter(name)
-                lora_batch.restack(self.lora)  # its rows leave the stacks now
+                lora_batch.restack(self.lora, self.precision.adapter_dtype)  # its rows leave the stacks now
 
     def _attach(self, folder: str | Path, name: str, method: str) -> None:
         from peft import PeftConfig, PeftModel
@@ -131,8 +131,8 @@ class Host:
         if not self.precision.bits:  # bitsandbytes models cannot be cast; peft casts per layer there
             model.to(self.precision_dtype)  # the adapter's weights compute in the base's dtype
         model.eval()
-        if method == "lora":
-            lora_batch.restack(model)  # the stacks become the one copy of every LoRA adapter's weights
+        if self.lora is not None:  # after a cast too: it replaced the LoRA weights (the stacks' views) by copies
+            lora_batch.restack(self.lora, self.precision.adapter_dtype)  # the one copy of every LoRA adapter
 
     @property
     def precision_dtype(self):

@@ -8,11 +8,14 @@ zero-padded, row 0 all zeros for the base model) and a batch gathers each row's 
 matmuls, whatever the number of adapters in the batch.
 
 The stack is the only copy of the weights: peft's own lora_A/lora_B parameters become views into it,
-so an adapter costs its weights once, in the model's dtype (30.7 -> 11 MB per extra adapter of r 16 on
-every linear layer, in process). The rows compute in fp32, each its own matmul (bmm), with the scaling
-applied per row, so a row gets the same sums alone or in any batch (bf16 sums change with the batch's
-shape). A batch whose rows use one adapter (and the base model) multiplies that adapter's fp32 matrices,
-held while such batches run, instead of copying them per row: 8-row decode steps took 0.72-0.90x the
+so an adapter costs its weights once, in Precision.adapter_dtype: the model's dtype, except bf16 beside int4
+weights where the model computes in fp32 (a CPU without bf16 units; 19.3 -> 11.5 MB per extra adapter of r
+16 on every linear layer, in process). A cast of the model (attaching any adapter casts it) replaces peft's
+views by copies, so the Host restacks after every attach. The rows compute in fp32, each its own matmul
+(bmm), with the scaling applied per row, so a row gets the same sums alone or in any batch (bf16 sums
+change with the batch's shape). A batch holds its adapters' matrices in fp32 while its rows stay the same (a conversion per step cost
+mixed batches 0.85 -> 0.77x of one adapter's speed once the stacks were bf16), and a batch whose rows use
+one adapter (and the base model) multiplies that adapter's matrices without copying them per row: 8-row decode steps took 0.72-0.90x the
 time of the per-row copies, and a batch of base rows skips the adapters (0.64-0.80x). Layers with a LoRA
 variant (DoRA, aLoRA, ...) keep peft's own path.
 """
@@ -28,14 +31,16 @@ _peft_mixed_forward = Linear._mixed_batch_forward
 class _Stack:
     """One layer's adapters stacked: A^T (n+1, in, r), B^T (n+1, r, out), scaling (n+1,); row 0 = no adapter."""
 
-    def __init__(self, layer: Linear):
+    def __init__(self, layer: Linear, dtype: torch.dtype | None = None):
         self.names = tuple(layer.lora_A.keys())
         self.index = {name: i + 1 for i, name in enumerate(self.names)}
         a = [layer.lora_A[n].weight for n in self.names]  # (r, in)
         b = [layer.lora_B[n].weight for n in self.names]  # (out, r)
         rank, like = max(w.shape[0] for w in a), a[0]
-        self.a = torch.zeros(len(a) + 1, like.shape[1], rank, dtype=like.dtype, device=like.device)
-        self.b = torch.zeros(len(b) + 1, rank, b[0].shape[0], dtype=like.dtype, device=like.device)
+        # A layer with a LoRA variant (DoRA) keeps peft's dtype: peft's own path multiplies in its weights' dtype.
+        self.dtype = like.dtype if layer.lora_variant or dtype is None else dtype
+        self.a = torch.zeros(len(a) + 1, like.shape[1], rank, dtype=self.dtype, device=like.device)
+        self.b = torch.zeros(len(b) + 1, rank, b[0].shape[0], dtype=self.dtype, device=like.device)
         self.scaling = [0.0] + [float(layer.scaling[name]) for name in self.names]
         self.ranks = [0] + [w.shape[0] for w in a]
         self._batch: _Rows | None = None
@@ -47,6 +52,15 @@ class _Stack:
             layer.lora_A[name].weight = torch.nn.Parameter(self.a[i, :, :r].T, requires_grad=False)
             layer.lora_B[name].weight = torch.nn.Parameter(self.b[i, :r].T, requires_grad=False)
 
+    def holds(self, layer: Linear, dtype: torch.dtype | None) -> bool:
+        """True while peft's parameters of `layer` are still this stack's views (a cast of the model replaces
+        them with copies) and the stack is what `dtype` asks for."""
+        if self.names != tuple(layer.lora_A.keys()) or (dtype is not None and not layer.lora_variant
+                                                        and dtype != self.dtype):
+            return False
+        storage = self.a.untyped_storage().data_ptr()
+        return all(layer.lora_A[n].weight.untyped_storage().data_ptr() == storage for n in self.names)
+
     def rows(self, adapter_names: list[str]) -> _Rows:
         """What a batch with these rows gathers (every layer of every step of a batch asks with the same names)."""
         batch = self._batch
@@ -56,18 +70,18 @@ class _Stack:
 
 
 class _Rows:
-    """A batch's rows in one layer's stack: indices, scalings (0 for a base row), and the fp32 A and B of the
-    batch's adapter when it has just one (expanded over the rows: views, not copies)."""
+    """A batch's rows in one layer's stack: scalings (0 for a base row) and the fp32 A and B the rows multiply,
+    converted once per batch composition (a row joining or leaving), never at every step."""
 
     def __init__(self, stack: _Stack, names: tuple[str, ...]):
         self.names = names
         index = [stack.index.get(name, 0) for name in names]
-        self.rows = torch.tensor(index, device=stack.a.device)
         # (batch, 1, 1): a row's scaling multiplies its rank-r projection; 0 for a base row.
         self.scaling = torch.tensor([stack.scaling[i] for i in index], device=stack.a.device)[:, None, None]
-        adapters = set(index) - {0}
+        adapters = sorted(set(index) - {0})
         self.base_only = not adapters
-        self.a = self.b = None
+        self.a = self.b = None  # (batch, in, r), (batch, r, out): one adapter's, expanded over the rows
+        self.used_a = self.used_b = self.local = None  # several adapters: theirs (and the zero row), each row's
         if len(adapters) == 1:  # one adapter (beside base rows): its matrices once, not a copy per row
             (i,) = adapters
             # At its own rank, not the stack's padded one: the sums then never depend on which other adapters
@@ -75,22 +89,31 @@ class _Rows:
             r = stack.ranks[i]
             self.a = stack.a[i, :, :r].float().expand(len(index), -1, -1)
             self.b = stack.b[i, :r].float().expand(len(index), -1, -1)
+        elif adapters:  # each step gathers each row's pair from the batch's adapters, already in fp32
+            used = [0, *adapters]
+            picked = torch.tensor(used, device=stack.a.device)
+            self.used_a, self.used_b = stack.a.index_select(0, picked).float(), stack.b.index_select(0, picked).float()
+            self.local = torch.tensor([used.index(i) for i in index], device=stack.a.device)
 
 
 def stack(layer: Linear) -> _Stack:
-    """The layer's stack of adapters, built anew after an adapter is attached or deleted."""
+    """The layer's stack of adapters, built anew (in the same dtype) after an adapter is attached or deleted."""
     current = getattr(layer, "_gathered_stack", None)
     if current is None or current.names != tuple(layer.lora_A.keys()):
         with torch.no_grad():
-            current = layer._gathered_stack = _Stack(layer)
+            current = layer._gathered_stack = _Stack(layer, None if current is None else current.dtype)
     return current
 
 
-def restack(model: torch.nn.Module) -> None:
-    """Stack every LoRA layer of `model` now (after an attach), so peft's separate copies are freed at once."""
+def restack(model: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Stack every LoRA layer of `model` now, its weights in `dtype` (None: peft's), so peft's separate copies
+    are freed at once: after an adapter is attached or deleted, and after the model was cast (which copies)."""
     for module in model.modules():
         if isinstance(module, Linear) and module.lora_A:
-            stack(module)
+            current = getattr(module, "_gathered_stack", None)
+            if current is None or not current.holds(module, dtype):
+                with torch.no_grad():
+                    module._gathered_stack = _Stack(module, dtype)
 
 
 def _gathered_forward(self: Linear, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
@@ -105,7 +128,7 @@ def _gathered_forward(self: Linear, x: torch.Tensor, *args, adapter_names: list[
     if batch.base_only:  # no row has an adapter on this layer
         return result
     if batch.a is None:  # rows of several adapters: each row's pair gathered (a copy per row)
-        a, b = layer.a.index_select(0, batch.rows).float(), layer.b.index_select(0, batch.rows).float()
+        a, b = batch.used_a.index_select(0, batch.local), batch.used_b.index_select(0, batch.local)
     else:
         a, b = batch.a, batch.b
     # fp32, each row its own matmul (bmm): a row's sums are the same alone or in any batch.

@@ -53,6 +53,12 @@ class Precision:
         """The dtype activations, norms and adapter weights are held in."""
         return self.compute or self.dtype
 
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype attached LoRA adapters' weights are held in: bf16 beside int4 weights (their rows are
+        multiplied in fp32 either way, assistant.lora_batch), else the compute dtype."""
+        return torch.bfloat16 if self.name == "int4" else self.compute_dtype
+
     def describe(self) -> str:
         """One line for logs and the UI, e.g. 'cpu, fp32'."""
         if self.name == "int4":

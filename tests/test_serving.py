@@ -288,6 +288,51 @@ def test_lora_adapters_are_held_once_and_gathered_rows_compute_as_peft_does(tmp_
             torch.testing.assert_close(ours, theirs, rtol=0.02, atol=0.01 * float(change) + 1e-6)
 
 
+@pytest.mark.slow
+def test_beside_int4_weights_lora_adapters_are_held_once_in_bf16_where_the_model_computes_in_fp32(tmp_path,
+                                                                                               monkeypatch):
+    """On a CPU without bf16 units an int4 model computes in fp32; its LoRA adapters are still held in bf16
+    (half the bytes an adapter costs), once, even after attaching a prefix adapter casts the model, and a
+    DoRA adapter (peft's own path, in its own dtype) beside them still replies."""
+    import torch
+    from peft import LoraConfig, PrefixTuningConfig
+    from peft.tuners.lora.layer import Linear
+
+    import assistant.models
+    from assistant import lora_batch
+    from assistant.loading import chat_model, load_host
+
+    monkeypatch.setattr(assistant.models, "cpu_has_bf16", lambda: False)
+    host = load_host("embedded", "int4")
+    assert host.precision.compute_dtype == torch.float32
+    lora = random_adapter(tmp_path / "lora", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                        task_type="CAUSAL_LM"), seed=1)
+    dora = random_adapter(tmp_path / "dora", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True,
+                                                        task_type="CAUSAL_LM"), seed=2)
+    prefix = random_adapter(tmp_path / "prefix", PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+                            seed=3)
+    name = host.attach(lora)[0]
+    host.attach(dora)
+    host.attach(prefix)  # casts the whole model, the LoRA layers in it too, to the compute dtype
+    layers = [m for m in host.lora.modules() if isinstance(m, Linear) and m.lora_A]
+    for layer in layers:
+        stack = layer._gathered_stack
+        held = torch.float32 if layer.lora_variant else torch.bfloat16  # DoRA's layers: peft's path, its dtype
+        assert stack.a.dtype == stack.b.dtype == held, f"a stack holds {stack.a.dtype}, not {held}"
+        for adapter in layer.lora_A:
+            weight = layer.lora_A[adapter].weight
+            assert weight.untyped_storage().data_ptr() == stack.a.untyped_storage().data_ptr(), \
+                f"{adapter}'s weights are a second copy beside the stack"
+    layer = next(m for m in layers if not m.lora_variant)  # v_proj: the LoRA adapter alone
+    x = torch.randn(2, 3, layer.in_features)
+    with torch.no_grad():
+        ours = lora_batch._gathered_forward(layer, x, adapter_names=[name, "__base__"])
+        theirs = lora_batch._peft_mixed_forward(layer, x, adapter_names=[name, "__base__"])
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=0.02, atol=0.02)  # peft multiplies in bf16, the rows in fp32
+    assert complete_reply(chat_model(host, dora), HELLO, GREEDY), "the DoRA adapter replies beside them"
+
+
 def test_an_adapters_rows_compute_the_same_whatever_else_is_attached():
     """A batch of one adapter's rows is summed at that adapter's own rank, so attaching an adapter of a larger
     rank (which pads the stack) changes not a bit of its output; in fp32 compute around bf16 kernels a last-bit
