@@ -95,12 +95,27 @@ class AdapterFolder:
         """The folder carries the tokenizer and chat template it was trained with."""
         return (self.path / "tokenizer_config.json").is_file()
 
+    def tokenizer_digest(self) -> str | None:
+        """A hash of the files its tokenizer loads from (None: it carries none): folders whose digests are
+        equal load equal tokenizers, so a server keeps one of them (~10 MB each for the embedded model's)."""
+        if not self.has_tokenizer:
+            return None
+        digest = hashlib.sha256()
+        for file in sorted(self.path.iterdir()):
+            if file.is_file() and any(part in file.name for part in TOKENIZER_NAME_PARTS):
+                digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+        return digest.hexdigest()
+
     def require(self) -> AdapterFolder:
         """Self, or a ValueError naming the folder and why it cannot be served."""
         if self.problem:
             raise ValueError(self.problem)
         return self
 
+
+# What a tokenizer's files are named (transformers' tokenizer*.json, special_tokens_map.json, added_tokens.json,
+# chat_template.jinja/.json, vocab.* and merges.txt of BPE tokenizers, sentencepiece *.model / spiece.model).
+TOKENIZER_NAME_PARTS = ("token", "chat_template", "vocab", "merges", ".model", "spiece", ".tiktoken")
 
 _cache: dict[str, AdapterFolder] = {}
 _cache_lock = threading.Lock()

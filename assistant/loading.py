@@ -47,6 +47,7 @@ class Host:
     attaching: threading.Event = field(default_factory=threading.Event, repr=False)  # running batches pause
     engine: object = field(default=None, repr=False)  # its BatchEngine, started on first reply
     decoding: Decoding | None = None  # how its replies decode (None: decided from the model)
+    tokenizers: dict = field(default_factory=dict, repr=False)  # AdapterFolder.tokenizer_digest() -> tokenizer
     _names: Iterator[int] = field(default_factory=itertools.count, repr=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +86,16 @@ class Host:
             _return_freed_memory()
         self.folders[key] = name
         return name, method
+
+    def tokenizer_of(self, info: AdapterFolder):
+        """The tokenizer an adapter folder was trained with (the base's when it carries none), loaded once for
+        every folder whose tokenizer files are the same (train.sft saves one into each adapter)."""
+        digest = info.tokenizer_digest()
+        if digest is None:
+            return self.tokenizer
+        if digest not in self.tokenizers:
+            self.tokenizers.setdefault(digest, load_tokenizer(str(info.path)))  # two first loads: one is kept
+        return self.tokenizers[digest]
 
     def _forget(self, name: str) -> None:
         self.prefix.pop(name, None)
@@ -252,7 +263,7 @@ def chat_model(host: Host, adapter: str | Path | None = None) -> ChatModel:
     name, method = host.attach(adapter)
     info = read_folder(adapter)
     # The adapter folder carries the tokenizer and template it was trained with: serve exactly those.
-    tokenizer = load_tokenizer(str(adapter)) if info.has_tokenizer else host.tokenizer
+    tokenizer = host.tokenizer_of(info)
     model = host.prefix[name] if method == "prefix" else host.lora
     chat = ChatModel(model, tokenizer, host.name, host.precision, str(adapter), method, info, host, name)
     logger.info("chat model ready: %s", chat.describe())

@@ -333,6 +333,27 @@ def test_beside_int4_weights_lora_adapters_are_held_once_in_bf16_where_the_model
     assert complete_reply(chat_model(host, dora), HELLO, GREEDY), "the DoRA adapter replies beside them"
 
 
+@pytest.mark.slow
+def test_adapters_trained_with_the_same_tokenizer_share_one_and_another_template_gets_its_own(tmp_path):
+    """train.sft saves the tokenizer into every adapter (~10 MB in memory each for the embedded model's): a
+    server keeps one per distinct set of tokenizer files, and a folder whose template differs is served its own."""
+    from peft import LoraConfig
+
+    from assistant.loading import chat_model, load_host
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    first, second, other = (random_adapter(tmp_path / name, config, seed=i)
+                            for i, name in enumerate(("first", "second", "other")))
+    template = other / "chat_template.jinja"
+    template.write_text(template.read_text(encoding="utf-8") + "{# the other template #}", encoding="utf-8")
+    host = load_host("embedded", "fp32")
+    chats = [chat_model(host, folder) for folder in (first, second, other)]
+    assert chats[0].tokenizer is chats[1].tokenizer, "the same tokenizer files are loaded once"
+    assert chats[2].tokenizer is not chats[0].tokenizer
+    assert chats[2].tokenizer.chat_template.endswith("{# the other template #}")
+    assert not chats[0].tokenizer.chat_template.endswith("{# the other template #}")
+
+
 def test_an_adapters_rows_compute_the_same_whatever_else_is_attached():
     """A batch of one adapter's rows is summed at that adapter's own rank, so attaching an adapter of a larger
     rank (which pads the stack) changes not a bit of its output; in fp32 compute around bf16 kernels a last-bit
