@@ -120,10 +120,10 @@ class Host:
         if quantized and method == "lora":
             from peft.tuners.lora import Linear as LoraLinear
 
-            from assistant.quant import Int4Linear, Int8Linear
+            from assistant.quant import LINEAR_TYPES
 
             # peft wraps its own layer types only; ours expose in_features/out_features and a forward.
-            config._register_custom_module({Int4Linear: LoraLinear, Int8Linear: LoraLinear})
+            config._register_custom_module(dict.fromkeys(LINEAR_TYPES, LoraLinear))
         with warnings.catch_warnings():
             # peft warns about our custom layer types and about a model wrapped by a second peft model.
             warnings.simplefilter("ignore", UserWarning)

@@ -11,7 +11,7 @@ from assistant.chat_format import IGNORE_INDEX, encode_chat
 from assistant.embedded import embedded_model_dir
 from assistant.loading import load_chat_model
 from assistant.models import cpu_has_bf16, pick_precision
-from assistant.quant import GROUP, QUANT_ROWS, Int4Linear, Int8Linear, quantize_for_cpu
+from assistant.quant import GROUP, QUANT_ROWS, Int4Linear, Int4Slice, Int8Linear, quantize_for_cpu
 from tests.conftest import DATA, tiny_llama
 
 
@@ -90,18 +90,58 @@ def test_quantize_swaps_frozen_layers_and_keeps_the_adapter_live():
     assert torch.nn.functional.cosine_similarity(tuned.flatten(), reference.flatten(), dim=0) > 0.98
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sibling_layers_run_one_packed_matmul_with_the_sums_of_separate_ones(dtype, monkeypatch):
+    """q/k/v and gate/up read the same input: one kernel call each group, bit for bit the separate layers' sums,
+    for a decode step (the kernel) and a prompt (the dense weights), with a LoRA adapter on one of them."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    import assistant.quant
+
+    def quantized(siblings) -> nn.Module:
+        monkeypatch.setattr(assistant.quant, "SIBLINGS", siblings)
+        model = quantize_for_cpu(tiny_llama(256).eval(), dtype)
+        config = LoraConfig(r=4, target_modules=["k_proj"], init_lora_weights=False)
+        config._register_custom_module(dict.fromkeys(assistant.quant.LINEAR_TYPES, LoraLinear))  # as the Host does
+        return get_peft_model(model, config)
+
+    fused, separate = quantized(assistant.quant.SIBLINGS), quantized(())
+    attention, mlp = fused.base_model.model.model.layers[0].self_attn, fused.base_model.model.model.layers[0].mlp
+    assert isinstance(attention.q_proj, Int4Slice) and isinstance(mlp.up_proj, Int4Slice)
+    assert attention.q_proj.fused is attention.k_proj.base_layer.fused is attention.v_proj.fused
+    share = attention.v_proj.weight.untyped_storage().data_ptr() == attention.q_proj.fused.weight.untyped_storage().data_ptr()
+    assert share, "a slice's dense weights are a second copy beside the packed layer's"
+    adapter = {key: value for key, value in fused.state_dict().items() if "lora_" in key}
+    separate.load_state_dict(adapter, strict=False)  # the same adapter weights (init_lora_weights=False draws them)
+    kernel, calls = torch.ops.aten._weight_int4pack_mm_for_cpu, []
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(1) or kernel(*a))
+    for tokens in (1, 3 * QUANT_ROWS):  # a decode step, a prompt
+        ids = torch.randint(0, 256, (1, tokens))
+        calls.clear()
+        with torch.inference_mode():
+            ours = fused(ids).logits
+            kernel_calls = len(calls)
+            theirs = separate(ids).logits
+        assert torch.equal(ours, theirs), f"{(ours != theirs).float().mean():.4f} of the logits differ"
+        assert kernel_calls == (2 * 4 if tokens == 1 else 0), kernel_calls  # 2 layers: qkv, o, gate+up, down
+        assert attention.q_proj.fused._kept is None, "a group keeps its last output after its last slice asked"
+
+
 def test_a_token_gets_the_same_sums_through_the_dense_and_the_packed_path():
     """In fp32 compute (CPUs without bf16 units); in bf16 the dense copy is bf16-rounded, for bf16 GEMM speed."""
+    torch.manual_seed(0)
     layer = Int4Linear(nn.Linear(576, 1536, bias=False))  # random weights: a real 4-bit rounding
     prompt = torch.randn(3 * QUANT_ROWS, 576)  # more rows than QUANT_ROWS: the dense weights
     with torch.inference_mode():
         dense = layer(prompt).float()
         packed = torch.cat([layer(row[None]) for row in prompt]).float()  # one row at a time: the kernel
     # The same weights and the same roundings, so only the order of additions differs: now and then one
-    # bf16 step, where the fp32 sums fall either side of a rounding boundary.
+    # bf16 step, where the fp32 sums fall either side of a rounding boundary; near zero (sums that cancel)
+    # fp32's own error in adding 576 terms, which scales with the terms, not with their sum.
     differ = dense != packed
     assert differ.float().mean() < 0.002, f"{differ.float().mean():.4f} of the sums differ"
-    step = packed.abs().clamp(min=2**-126) * 2**-7
+    terms = prompt.bfloat16().float().abs() @ layer.weight.abs().T
+    step = packed.abs().clamp(min=2**-126) * 2**-7 + terms * 2**-20
     assert ((dense - packed).abs() <= step).all(), "the two paths differ by more than one bf16 step"
 
 
@@ -171,7 +211,9 @@ def test_int4_replies_decode_every_quantized_layer_through_the_packed_kernel(mon
 
     chat = load_chat_model(precision="int4")
     layers = {m.packed.data_ptr(): name for name, m in chat.model.named_modules() if isinstance(m, Int4Linear)}
-    assert layers, "int4 loading quantized no layer"
+    # q/k/v and gate/up: one packed layer each, which their slices share
+    layers |= {m.fused.packed.data_ptr(): name for name, m in chat.model.named_modules() if isinstance(m, Int4Slice)}
+    assert len(layers) == 30 * 4, f"int4 loading packed {len(layers)} layers, not 4 in each of 30 decoder layers"
     kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
     calls: dict[str, int] = dict.fromkeys(layers.values(), 0)
 
