@@ -206,17 +206,19 @@ def weight_bytes(model) -> int:
     """Bytes of weights read per decode step: every parameter and buffer once (shared ones once).
 
     The input embedding is a lookup of one row, so it counts only when it is also the LM head.
-    Quantized layers decode from their packed buffers; their dense weight serves longer inputs only.
+    Quantized layers decode from their packed buffers; their dense weight serves longer inputs only. Sibling
+    layers packed as one (assistant.quant.Int4Slice) read their shared layer's packed buffers, once.
     """
-    from assistant.quant import QuantizedLinear
+    from assistant.quant import Int4Slice, QuantizedLinear
 
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     tied = not isinstance(head, QuantizedLinear) and head.weight.data_ptr() == embedding.data_ptr()
     skip = {embedding.data_ptr()} if not tied else set()
-    skip |= {m.weight.data_ptr() for m in model.modules() if isinstance(m, QuantizedLinear)}
+    skip |= {m.weight.data_ptr() for m in model.modules() if isinstance(m, (QuantizedLinear, Int4Slice))}
+    shared = {id(m.fused): m.fused for m in model.modules() if isinstance(m, Int4Slice)}.values()
     seen, total = skip, 0
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
+    for tensor in itertools.chain(model.parameters(), model.buffers(), *(layer.buffers() for layer in shared)):
         if tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
