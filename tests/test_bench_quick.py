@@ -106,7 +106,9 @@ def test_concurrency_over_adapters_quick(tmp_path: Path) -> None:
     assert final["failures"] == 0, final
     for key in ("tok_s_8_chats_1_adapter", "tok_s_8_chats_2_adapters", "ratio_2_adapters_vs_1", "rss_mb_2_adapters"):
         assert isinstance(final[key], int | float) and final[key] > 0, (key, final)
-    assert final["rss_mb_2_adapters"] >= final["rss_mb_1_adapter"] > 0 and saved["final"] == final
+    # Not rss 2 >= rss 1: an attach gives freed heap pages back (a chat's transients), and an adapter of bf16
+    # weights (~8 MB) can cost less than what that returns; the full bench measures over 8 adapters.
+    assert final["rss_mb_1_adapter"] > 0 and saved["final"] == final
 
 
 @pytest.mark.slow
