@@ -140,9 +140,9 @@ class Host:
             if method == "lora" and getattr(config, "use_dora", False):
                 self.solo.add(name)  # peft refuses DoRA rows in a mixed-adapter batch
         if not self.precision.bits:  # bitsandbytes models cannot be cast; peft casts per layer there
-            model.to(self.precision_dtype)  # the adapter's weights compute in the base's dtype
+            lora_batch.cast(model, self.precision_dtype)  # the new adapter's weights compute in the base's dtype
         model.eval()
-        if self.lora is not None:  # after a cast too: it replaced the LoRA weights (the stacks' views) by copies
+        if self.lora is not None:
             lora_batch.restack(self.lora, self.precision.adapter_dtype)  # the one copy of every LoRA adapter
 
     @property

@@ -37,8 +37,10 @@ class _Stack:
         a = [layer.lora_A[n].weight for n in self.names]  # (r, in)
         b = [layer.lora_B[n].weight for n in self.names]  # (out, r)
         rank, like = max(w.shape[0] for w in a), a[0]
-        # A layer with a LoRA variant (DoRA) keeps peft's dtype: peft's own path multiplies in its weights' dtype.
-        self.dtype = like.dtype if layer.lora_variant or dtype is None else dtype
+        # A layer with a LoRA variant (DoRA) keeps that adapter's dtype (the compute dtype): peft's own path
+        # multiplies in its weights' dtype, and mixes them with the magnitude and base weights.
+        variant = [layer.lora_A[n].weight.dtype for n in self.names if n in layer.lora_variant]
+        self.dtype = variant[0] if variant else dtype or like.dtype
         self.a = torch.zeros(len(a) + 1, like.shape[1], rank, dtype=self.dtype, device=like.device)
         self.b = torch.zeros(len(b) + 1, rank, b[0].shape[0], dtype=self.dtype, device=like.device)
         self.scaling = [0.0] + [float(layer.scaling[name]) for name in self.names]
@@ -114,6 +116,25 @@ def restack(model: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
             if current is None or not current.holds(module, dtype):
                 with torch.no_grad():
                     module._gathered_stack = _Stack(module, dtype)
+
+
+def cast(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """model.to(dtype) for its floating parameters and buffers, except the LoRA weights stacks hold: those stay
+    in their stack's dtype, and casting them would copy every attached adapter at each attach."""
+    stacks = [getattr(layer, "_gathered_stack", None) for layer in model.modules() if isinstance(layer, Linear)]
+    held = {weights.untyped_storage().data_ptr() for stack in stacks if stack for weights in (stack.a, stack.b)}
+    with torch.no_grad():
+        for module in model.modules():
+            for tensors in (module._parameters, module._buffers):
+                for name, tensor in tensors.items():
+                    if tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+                        continue
+                    if tensor.untyped_storage().data_ptr() in held:
+                        continue
+                    if isinstance(tensor, torch.nn.Parameter):
+                        tensor.data = tensor.data.to(dtype)  # the same Parameter: ties and peft's references hold
+                    else:
+                        tensors[name] = tensor.to(dtype)
 
 
 def _gathered_forward(self: Linear, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:

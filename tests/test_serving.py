@@ -292,8 +292,8 @@ def test_lora_adapters_are_held_once_and_gathered_rows_compute_as_peft_does(tmp_
 def test_beside_int4_weights_lora_adapters_are_held_once_in_bf16_where_the_model_computes_in_fp32(tmp_path,
                                                                                                monkeypatch):
     """On a CPU without bf16 units an int4 model computes in fp32; its LoRA adapters are still held in bf16
-    (half the bytes an adapter costs), once, even after attaching a prefix adapter casts the model, and a
-    DoRA adapter (peft's own path, in its own dtype) beside them still replies."""
+    (half the bytes an adapter costs), once, and attaching more adapters never copies them; a DoRA adapter
+    (peft's own path, in its own dtype) beside them still replies."""
     import torch
     from peft import LoraConfig, PrefixTuningConfig
     from peft.tuners.lora.layer import Linear
@@ -312,9 +312,12 @@ def test_beside_int4_weights_lora_adapters_are_held_once_in_bf16_where_the_model
     prefix = random_adapter(tmp_path / "prefix", PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
                             seed=3)
     name = host.attach(lora)[0]
+    kept = host.lora.base_model.model.model.layers[0].self_attn.v_proj._gathered_stack
     host.attach(dora)
-    host.attach(prefix)  # casts the whole model, the LoRA layers in it too, to the compute dtype
+    host.attach(prefix)  # casts what is not in the compute dtype yet, never the stacks' bf16 weights
     layers = [m for m in host.lora.modules() if isinstance(m, Linear) and m.lora_A]
+    assert host.lora.base_model.model.model.layers[0].self_attn.v_proj._gathered_stack is kept, \
+        "a layer the later adapters leave alone was stacked anew: its adapter's weights were copied by a cast"
     for layer in layers:
         stack = layer._gathered_stack
         held = torch.float32 if layer.lora_variant else torch.bfloat16  # DoRA's layers: peft's path, its dtype
