@@ -8,16 +8,17 @@ zero-padded, row 0 all zeros for the base model) and a batch gathers each row's 
 matmuls, whatever the number of adapters in the batch.
 
 The stack is the only copy of the weights: peft's own lora_A/lora_B parameters become views into it,
-so an adapter costs its weights once, in Precision.adapter_dtype: the model's dtype, except bf16 beside int4
-weights where the model computes in fp32 (a CPU without bf16 units; 19.3 -> 11.5 MB per extra adapter of r
-16 on every linear layer, in process). A cast of the model (attaching any adapter casts it) replaces peft's
-views by copies, so the Host restacks after every attach. The rows compute in fp32, each its own matmul
-(bmm), with the scaling applied per row, so a row gets the same sums alone or in any batch (bf16 sums
-change with the batch's shape). A batch holds its adapters' matrices in fp32 while its rows stay the same (a conversion per step cost
-mixed batches 0.85 -> 0.77x of one adapter's speed once the stacks were bf16), and a batch whose rows use
-one adapter (and the base model) multiplies that adapter's matrices without copying them per row: 8-row decode steps took 0.72-0.90x the
-time of the per-row copies, and a batch of base rows skips the adapters (0.64-0.80x). Layers with a LoRA
-variant (DoRA, aLoRA, ...) keep peft's own path.
+so an adapter costs its weights once, in Precision.adapter_dtype: the model's dtype, except bf16 beside
+int4 weights where the model computes in fp32 (a CPU without bf16 units; 19.3 -> 11.5 MB per extra
+adapter of r 16 on every linear layer, in process). Attaching casts only what is not in the compute dtype
+yet (`cast`), never these views; model.to would replace them by copies, which `restack` then stacks anew.
+The rows compute in fp32, each its own matmul (bmm), with the scaling applied per row, so a row gets the
+same sums alone or in any batch (bf16 sums change with the batch's shape). A batch holds its adapters'
+matrices in fp32 while its rows stay the same (a conversion at every step cost mixed batches 0.85 -> 0.77x
+of one adapter's speed once the stacks were bf16), and a batch whose rows use one adapter (and the base
+model) multiplies that adapter's matrices without copying them per row: 8-row decode steps took 0.72-0.90x
+the time of the per-row copies, and a batch of base rows skips the adapters (0.64-0.80x). Layers with a
+LoRA variant (DoRA, aLoRA, ...) keep peft's own path.
 """
 
 from __future__ import annotations

@@ -90,6 +90,8 @@ class Int4Linear(QuantizedLinear):
         scale_zero = self.scale_zero.view(torch.bfloat16)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, scale_zero)
 
+    _kept: tuple | None = None  # (input, output) of the last shared() call, until its last slice asked
+
     def shared(self, x: torch.Tensor, last: bool) -> torch.Tensor:
         """forward(x) for its Int4Slices: computed once while they ask with the same input in turn, forgotten
         when the `last` of them has asked (a prompt's outputs are large)."""
@@ -97,8 +99,6 @@ class Int4Linear(QuantizedLinear):
         y = kept[1] if kept is not None and kept[0] is x else self(x)  # the same object: never changed in place
         self._kept = None if last else (x, y)
         return y
-
-    _kept: tuple | None = None  # (input, output) of the last shared() call
 
 
 class Int4Slice(nn.Module):
