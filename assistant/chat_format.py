@@ -8,7 +8,10 @@ exactly that "history + generation prompt" prefix, so it serves what was trained
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+
+from jinja2 import TemplateError as JinjaTemplateError
 
 IGNORE_INDEX = -100
 
@@ -42,6 +45,27 @@ def template_default_system(tokenizer) -> str | None:
         return None
     text = bare[len(head) : len(bare) - len(tail)]
     return text if render_chat(tokenizer, [{"role": "system", "content": text}, *user]) == bare else None
+
+
+def system_prefix_length(tokenizer, messages: list[dict[str, str]], ids: list[int]) -> int:
+    """How many leading `ids` are the system message rendered alone (the template's own default where the chat
+    has none): what every chat with that system prompt starts with. 0 where they are not a token prefix."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    head = _system_head(tokenizer, system)
+    return len(head) if head and len(head) < len(ids) and tuple(ids[: len(head)]) == head else 0
+
+
+@functools.lru_cache(maxsize=64)
+def _system_head(tokenizer, system: str | None) -> tuple[int, ...]:
+    """Token ids of a chat holding only this system message (None: the template's default one); () if none."""
+    if system is None:
+        system = template_default_system(tokenizer)
+        if system is None:
+            return ()
+    try:
+        return tuple(_ids(tokenizer, render_chat(tokenizer, [{"role": "system", "content": system}])))
+    except (JinjaTemplateError, ValueError):  # a template that refuses a chat without a user turn
+        return ()
 
 
 def _ids(tokenizer, text: str) -> list[int]:

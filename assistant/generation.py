@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 from assistant.adapters import messages_for
 from assistant.batching import END, Request, engine_for, stop_ids
-from assistant.chat_format import encode_prompt
+from assistant.chat_format import encode_prompt, system_prefix_length
 from assistant.loading import MAIN, ChatModel
 
 logger = logging.getLogger(__name__)
@@ -104,10 +104,11 @@ def stream_reply(
         logger.info("history trimmed: %d oldest messages left out to fit the context window", dropped)
         if on_trim:
             on_trim(dropped)
+    prefix = system_prefix_length(chat.tokenizer, messages, ids)  # the system prompt dropped history keeps
     tokens: list[int] = []
     shown, shown_at = "", 0.0
     try:
-        for token in reply_tokens(chat, ids, params, cancel=cancel, use_adapter=use_adapter):
+        for token in reply_tokens(chat, ids, params, cancel=cancel, use_adapter=use_adapter, prefix=prefix):
             tokens.append(token)
             # Each update costs the server (UI diff, HTTP chunk) CPU that decoding needs: at most one
             # per UPDATE_INTERVAL_S; tokens arriving faster are shown together.
@@ -128,13 +129,16 @@ def reply_tokens(
     *,
     cancel: threading.Event | None = None,
     use_adapter: bool = True,
+    prefix: int = 0,
 ) -> Iterator[int]:
-    """Token ids of the reply to prompt `ids` from the batch engine, without the end-of-turn token."""
+    """Token ids of the reply to prompt `ids` from the batch engine, without the end-of-turn token; the first
+    `prefix` ids are a system prompt's (chat_format.system_prefix_length): their keys/values are computed once."""
     cancel = cancel or threading.Event()
     engine = engine_for(chat.host)
     request = engine.submit(
         Request(ids, params, cancel, adapter=chat.adapter_name if use_adapter else None,
-                group=chat.group if use_adapter else MAIN, stop_ids=stop_ids(chat.model, chat.tokenizer))
+                group=chat.group if use_adapter else MAIN, stop_ids=stop_ids(chat.model, chat.tokenizer),
+                prefix=prefix)
     )
     try:
         while (token := _next_token(engine, request)) is not END:

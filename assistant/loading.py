@@ -48,6 +48,7 @@ class Host:
     engine: object = field(default=None, repr=False)  # its BatchEngine, started on first reply
     decoding: Decoding | None = None  # how its replies decode (None: decided from the model)
     tokenizers: dict = field(default_factory=dict, repr=False)  # AdapterFolder.tokenizer_digest() -> tokenizer
+    version: int = 0  # bumped by each attach, which may change any layer: keys/values kept from before are stale
     _names: Iterator[int] = field(default_factory=itertools.count, repr=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +77,7 @@ class Host:
         self.attaching.set()  # a running batch pauses at its next token and releases the lock
         try:
             with self.lock:
+                self.version += 1
                 try:
                     _in_short_thread(self._attach, folder, name, method)
                 except Exception:

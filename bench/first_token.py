@@ -35,14 +35,15 @@ CHROMIUM = "/usr/bin/chromium"
 MESSAGES = ["Hi!", "Where is my order?", "Can I change my booking?", "Thanks, bye.", "What time do you open?"]
 # In the page: remember when Enter goes down in the message box and when the first reply text shows.
 WATCH = """() => {
-  window.__t = {enter: null, first: null};
+  const bots = () => document.querySelectorAll("#chatbot [data-testid='bot']");
+  window.__t = {enter: null, first: null, before: 0};
   document.querySelector('#message textarea').addEventListener('keydown', e => {
-    if (e.key === 'Enter' && !e.shiftKey) { window.__t = {enter: performance.now(), first: null}; }
+    if (e.key === 'Enter' && !e.shiftKey) { window.__t = {enter: performance.now(), first: null, before: bots().length}; }
   }, true);
   new MutationObserver(() => {
     if (window.__t.enter === null || window.__t.first !== null) return;
-    const bots = document.querySelectorAll("#chatbot [data-testid='bot']");
-    if (bots.length && bots[bots.length - 1].innerText.trim()) window.__t.first = performance.now();
+    const shown = bots();  // a new reply: not one the page restored from its saved history after Clear
+    if (shown.length > window.__t.before && shown[shown.length - 1].innerText.trim()) window.__t.first = performance.now();
   }).observe(document.querySelector('#chatbot'), {childList: true, subtree: true, characterData: true});
 }"""
 
@@ -59,16 +60,20 @@ class FirstTokenConfig:
 
 
 def clear(page, timeout_s: float = 120.0) -> None:
-    """An empty chat. Clear again while the page still restores the saved history: on a loaded machine the
-    restore can land after the first click (seen at load 6 beside the test suite)."""
+    """An empty chat, saved. Clear again while the page still restores the saved history: on a loaded machine the
+    restore can land after the first click (seen at load 6 beside the test suite). Clear saves the empty history
+    too; that save must land before the next message, or it passes for the end of that message's turn (a round
+    then timed the previous reply's last updates: 0.05-0.09 s)."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     deadline = time.monotonic() + timeout_s
     while True:
+        stored = page.evaluate(f"localStorage.getItem({STORAGE_KEY!r})")
         page.click("#clear")
         try:
             page.wait_for_function("document.querySelectorAll(\"#chatbot [data-testid='bot']\").length === 0",
                                    timeout=5_000)
+            page.wait_for_function(f"localStorage.getItem({STORAGE_KEY!r}) !== {json.dumps(stored)}", timeout=5_000)
             return
         except PlaywrightTimeout:
             if time.monotonic() > deadline:

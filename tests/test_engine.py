@@ -73,6 +73,7 @@ def test_a_dead_engine_thread_fails_its_callers_instead_of_leaving_them_waiting(
     monkeypatch.setattr(host, "runner", kill_thread)
     monkeypatch.setattr("assistant.generation.POLL_S", 0.05)
     monkeypatch.setattr("assistant.generation.fit_history", lambda *args: (PROMPT, 0))
+    monkeypatch.setattr("assistant.generation.system_prefix_length", lambda *args: 0)  # a tokenizer with no template
     tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=None, decode=lambda ids, **_: "x" * len(ids))
     chat = ChatModel(host.base, tokenizer, "tiny", host.precision, host=host)
     outcome: list = []
@@ -150,3 +151,51 @@ def test_end_of_turn_ids_leave_out_tokens_a_model_does_not_have(host):
     request = Request(PROMPT, params(4, min_tokens=2), threading.Event(), stop_ids=batching.stop_ids(host.base, no_eos))
     tokens = drain(engine_for(host).submit(request))
     assert len(tokens) >= 2 and all(isinstance(t, int) for t in tokens), tokens
+
+
+SYSTEM_IDS = [5, 9, 17, 33, 2, 7]  # a system prompt's tokens, then each chat's own
+CHATS = [SYSTEM_IDS + [40, 41, 42, 3], SYSTEM_IDS + [50, 51, 3], SYSTEM_IDS + [60, 3, 61, 62, 63]]
+
+
+def prompt_rows(host: Host) -> list[int]:
+    """Positions each forward pass runs from now on (recorded at the embedding: passes and decode steps alike)."""
+    seen: list[int] = []
+    host.base.model.embed_tokens.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[-1]))
+    return seen
+
+
+@pytest.mark.parametrize("engine", ["lean", "generate"])
+def test_a_system_prompt_runs_through_the_model_once_and_no_reply_depends_on_what_was_kept(host, engine):
+    from assistant.decode import GENERATE, Decoding
+
+    if engine == "generate":
+        host.decoding = Decoding(GENERATE, "the reference loop")
+
+    def reply(ids: list[int], prefix: int) -> list[int]:
+        return drain(engine_for(host).submit(Request(ids, params(6), threading.Event(), prefix=prefix)))
+
+    fresh = [reply(ids, 0) for ids in CHATS]  # nothing kept: every prompt runs whole
+    seen = prompt_rows(host)
+    assert reply(CHATS[0], len(SYSTEM_IDS)) == fresh[0]
+    assert seen[:2] == [6, 4], "the system prompt runs alone, then the chat's own tokens on its keys/values"
+    seen.clear()
+    assert reply(CHATS[1], len(SYSTEM_IDS)) == fresh[1]
+    assert seen[0] == 3 and 6 not in seen, "the second chat starts from the kept keys/values"
+    assert reply(CHATS[0], len(SYSTEM_IDS)) == fresh[0], "the same reply whether the cache was cold or warm"
+    # Chats that arrive together: each one's own tokens on the kept keys/values, then one batch.
+    engine = engine_for(host)
+    with engine.cond:  # held: all three are waiting when the engine next looks
+        together = [engine.submit(Request(ids, params(6), threading.Event(), prefix=p))
+                    for ids, p in zip(CHATS, [6, 0, 6])]
+    assert [drain(r) for r in together] == fresh
+    # What such a row resumes from: the keys/values of one whole pass over its context but the last token.
+    row = Request(CHATS[2], params(6), threading.Event(), prefix=len(SYSTEM_IDS))
+    with torch.inference_mode():
+        kept = engine._prefixed_kv(row, "cpu")
+        whole = host.base(input_ids=torch.tensor([CHATS[2][:-1]]), use_cache=True).past_key_values
+    for (keys, values), layer in zip(kept, whole.layers, strict=True):
+        torch.testing.assert_close((keys, values), (layer.keys[0], layer.values[0]))
+    host.version += 1  # what an attach does: the kept keys/values may be stale
+    seen.clear()
+    assert reply(CHATS[2], len(SYSTEM_IDS)) == fresh[2]
+    assert seen[0] == 6, "computed again after the model changed"

@@ -217,6 +217,20 @@ def test_a_joined_batch_continues_exactly_where_each_reply_was():
     assert head + drain(first) == solo_story
 
 
+def test_a_kept_system_prompt_gives_the_reply_a_whole_prompt_pass_gives(monkeypatch):
+    """stream_reply marks the system prompt (chat_format.system_prefix_length): the engine runs it once and later
+    chats start from its keys/values, with the greedy replies of whole prompts (fp32)."""
+    exact = load_chat_model(precision="fp32")
+    chats = [[SYSTEM, {"role": "user", "content": text}] for text in ("Where is the treasure?", "Name a colour.")]
+    monkeypatch.setattr("assistant.generation.system_prefix_length", lambda *args: 0)
+    whole = [reply(exact, messages) for messages in chats]
+    monkeypatch.undo()
+    kept = engine_for(exact.host).prefixes
+    before = kept.hits + kept.misses
+    assert [reply(exact, messages) for messages in chats] == whole
+    assert kept.hits + kept.misses == before + 2 and kept.hits >= 1, "the system prompt's keys/values were reused"
+
+
 EXIT_SCRIPT = """
 import atexit, os, threading
 
