@@ -242,3 +242,29 @@ def test_admins_and_the_database_come_from_the_config(tmp_path, monkeypatch):
     assert ChatConfig(database_url="postgresql://team@db/x").database() == "postgresql://team@db/x"
     with pytest.raises(ValueError, match="PGPASSWORD"):
         ChatConfig(database_url="postgresql://team:pw@db/x").database()
+
+
+def test_an_idle_app_looks_for_work_at_most_every_10_ms(monkeypatch):
+    """Gradio's queue loop polled every 1 ms when free (~8% of a core idle, taken from decoding on 2 cores)."""
+    import asyncio
+
+    from gradio import queueing
+
+    from ui.app import build_app
+
+    queue = build_app(ChatConfig(no_training=True), registry=FakeRegistry())._queue
+    real_sleep, naps = asyncio.sleep, []
+
+    async def counted_sleep(delay, *args, **kwargs):
+        naps.append(delay)
+        return await real_sleep(delay, *args, **kwargs)
+
+    async def idle_for(seconds: float) -> None:
+        loop = asyncio.create_task(queue.start_processing())  # Gradio's own loop, with no event waiting
+        await real_sleep(seconds)
+        queue.stopped = True
+        await loop
+
+    monkeypatch.setattr(queueing.asyncio, "sleep", counted_sleep)
+    asyncio.run(idle_for(0.5))
+    assert 0 < len(naps) <= 60, f"{len(naps)} looks in 0.5 s"
