@@ -17,9 +17,11 @@ ones: once it is the oldest, the running batch yields after SLICE_S and goes to 
 
 Every chat of an adapter with one system prompt starts with the same tokens (Request.prefix), so their
 keys/values are computed once, by themselves, and kept (PrefixCache): a new chat's prompt pass runs only
-its own tokens (the default prompt's first token 279 -> 169 ms, customer_support's 432 -> 188 ms on an
-AVX2 EPYC). Computed alone and the same way whether or not they were kept, they never make a reply
-depend on which chats came first.
+its own tokens (with oneDNN's packed weights, assistant/quant.py: the default prompt's first token
+248-331 -> 164-248 ms, customer_support's 426-585 -> 191-256 ms, in process on an AVX2 EPYC). Computed
+alone and the same way whether or not they were kept, they never make a reply depend on which chats came
+first; and such a row always runs as [system prompt][the rest][its last token as the first decode step],
+alone or joining a batch.
 An error inside a batch fails that batch's requests (they receive the exception) and the engine goes on.
 """
 
@@ -317,11 +319,13 @@ class BatchEngine:
             return None
 
     def _past(self, batch: list[Request], pad: int, device) -> DynamicCache | None:
-        """The keys/values a batch starts from; None: every prompt runs whole in generate()'s first step."""
-        if any(r.kv is not None for r in batch) or (len(batch) > 1 and any(r.prefix for r in batch)):
+        """The keys/values a batch starts from; None: every prompt runs whole in generate()'s first step.
+
+        A row with a system prompt always runs as [system prompt alone][the rest][its last token, as the first
+        decode step], alone or in a batch: its greedy reply is the same whichever rows it was batched with.
+        """
+        if any(r.kv is not None or r.prefix for r in batch):
             return self._batch_cache(batch, pad, device)
-        if batch[0].prefix:  # one new row: the rest of its prompt runs in generate()'s first step
-            return _one_row_cache(self._prefix_kv(batch[0], device))
         return None
 
     def _prefix_kv(self, request: Request, device) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -18,11 +18,15 @@ tokens/s with them against 145-146 on the bf16 weights (the int8 LM head reads h
 157-163 either way; AMD EPYC, 2 cores, assistant/decode.py's loop).
 On a CPU without bf16 units the model computes in fp32 instead (Precision.compute_dtype): the dense copy
 is then fp32 (~540 MB), and the kernels still win at every batch size up to 8 (AVX2 EPYC: 8 rows 74-80
-vs 56 tokens/s on the fp32 weights; one row 20-26 vs 14-15).
+vs 56 tokens/s on the fp32 weights; one row 20-26 vs 14-15). That copy is held in oneDNN's packed layout
+(pack_for_onednn), not as `weight`: MKL's GEMM, which F.linear calls in fp32, took as long for 9 rows as
+for 30 on that CPU, oneDNN's 1.2-2.3x less for 9-56 rows (a first token after a kept system prompt:
+221-247 -> 145-161 ms).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -32,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 GROUP = 32  # input features per int4 scale/zero: Q4_1's block size
 QUANT_ROWS = 8  # at most this many rows (tokens x batch) go through the packed kernels: a full batch
+ONEDNN_ROWS = 16  # the rows oneDNN lays packed weights out for: a chat's own tokens after a kept system prompt
 # Sibling layers that read the same input (a Llama attention's q/k/v, its MLP's gate/up): packed as one.
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -50,17 +55,30 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # frozen; cast to the compute dtype with the model
 
+    onednn: torch.Tensor | None = None  # fp32 compute: the dense weight in oneDNN's layout (no `weight` held then)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).bfloat16()
         if rows.shape[0] > QUANT_ROWS:
-            y = nn.functional.linear(rows.to(self.weight.dtype), self.weight).bfloat16()
+            y = self._dense_matmul(rows)
         else:
             y = self._packed_matmul(rows)
         y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
+    def _dense_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.onednn is not None:
+            return torch.ops.mkldnn._linear_pointwise(rows.float(), self.onednn, None, "none", [], "").bfloat16()
+        return nn.functional.linear(rows.to(self.weight.dtype), self.weight).bfloat16()
+
     def _packed_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def __getattr__(self, name: str):
+        # Reached only when `weight` is not held (pack_for_onednn): DoRA and peft read it, rarely; a copy.
+        if name == "weight" and self.__dict__.get("onednn") is not None:
+            return self.__dict__["onednn"].to_dense()
+        return super().__getattr__(name)
 
 
 class Int4Linear(QuantizedLinear):
@@ -116,6 +134,16 @@ class Int4Slice(nn.Module):
     def tie(self) -> None:
         """Make `weight` (the dense rows peft's DoRA reads) a view of the fused layer's again, after a cast."""
         self.weight = nn.Parameter(self.fused.weight[self.start : self.end], requires_grad=False)
+
+    def untie(self) -> None:
+        """Hold no `weight` (the fused layer's is packed for oneDNN): reading it then copies those rows out."""
+        del self.weight
+        self.__dict__["untied"] = True
+
+    def __getattr__(self, name: str):
+        if name == "weight" and self.__dict__.get("untied"):
+            return self.fused.weight[self.start : self.end]
+        return super().__getattr__(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fused.shared(x, last=self.end == self.fused.out_features)[..., self.start : self.end]
@@ -175,9 +203,38 @@ def quantize_for_cpu(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
         layer.to(dtype)
         for part in slices:
             part.tie()
-    logger.info("int4 weights in %d linear layers (%d packed groups of siblings), int8 LM head, %s compute",
-                swaps, len(fused), dtype)
+    packed = dtype == torch.float32 and onednn_works()
+    if packed:
+        for layer in [m for m in base.modules() if isinstance(m, Int4Linear)] + [layer for layer, _ in fused]:
+            pack_for_onednn(layer)
+        for _, slices in fused:
+            for part in slices:
+                part.untie()
+    logger.info("int4 weights in %d linear layers (%d packed groups of siblings), int8 LM head, %s compute%s",
+                swaps, len(fused), dtype, "; prompts through oneDNN's packed fp32 GEMM" if packed else "")
     return model
+
+
+def pack_for_onednn(layer: QuantizedLinear) -> None:
+    """Hold the layer's fp32 dense weight in oneDNN's layout instead (the same bytes): prompts of 9-56 tokens
+    ran 1.2-1.8x faster through it than through MKL's GEMM on an AVX2 EPYC (README, Performance)."""
+    layer.onednn = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), ONEDNN_ROWS)
+    del layer.weight
+
+
+@functools.cache
+def onednn_works() -> bool:
+    """This torch build packs fp32 weights for oneDNN and multiplies by them (x86 builds do)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        weight, rows = torch.randn(64, 32), torch.randn(9, 32)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, ONEDNN_ROWS)
+        got = torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
+        return bool(torch.allclose(got, rows @ weight.T, atol=1e-4))
+    except (RuntimeError, AttributeError, NotImplementedError) as error:
+        logger.info("oneDNN's packed GEMM is not available here (%s): prompts use the plain dense weights", error)
+        return False
 
 
 def _fuse(parent: nn.Module, names: tuple[str, ...], siblings: list[nn.Linear]) -> tuple[Int4Linear, list]:

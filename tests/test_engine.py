@@ -177,10 +177,11 @@ def test_a_system_prompt_runs_through_the_model_once_and_no_reply_depends_on_wha
     fresh = [reply(ids, 0) for ids in CHATS]  # nothing kept: every prompt runs whole
     seen = prompt_rows(host)
     assert reply(CHATS[0], len(SYSTEM_IDS)) == fresh[0]
-    assert seen[:2] == [6, 4], "the system prompt runs alone, then the chat's own tokens on its keys/values"
+    # The system prompt alone, then the chat's own tokens on its keys/values, then the last as a decode step.
+    assert seen[:3] == [6, 3, 1], seen
     seen.clear()
     assert reply(CHATS[1], len(SYSTEM_IDS)) == fresh[1]
-    assert seen[0] == 3 and 6 not in seen, "the second chat starts from the kept keys/values"
+    assert seen[0] == 2 and 6 not in seen, "the second chat starts from the kept keys/values"
     assert reply(CHATS[0], len(SYSTEM_IDS)) == fresh[0], "the same reply whether the cache was cold or warm"
     # Chats that arrive together: each one's own tokens on the kept keys/values, then one batch.
     engine = engine_for(host)

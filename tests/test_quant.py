@@ -109,8 +109,9 @@ def test_sibling_layers_run_one_packed_matmul_with_the_sums_of_separate_ones(dty
     attention, mlp = fused.base_model.model.model.layers[0].self_attn, fused.base_model.model.model.layers[0].mlp
     assert isinstance(attention.q_proj, Int4Slice) and isinstance(mlp.up_proj, Int4Slice)
     assert attention.q_proj.fused is attention.k_proj.base_layer.fused is attention.v_proj.fused
-    share = attention.v_proj.weight.untyped_storage().data_ptr() == attention.q_proj.fused.weight.untyped_storage().data_ptr()
-    assert share, "a slice's dense weights are a second copy beside the packed layer's"
+    if dtype == torch.bfloat16:  # (in fp32 the fused layer's dense weight is held packed for oneDNN, no views)
+        share = attention.v_proj.weight.untyped_storage().data_ptr() == attention.q_proj.fused.weight.untyped_storage().data_ptr()
+        assert share, "a slice's dense weights are a second copy beside the packed layer's"
     adapter = {key: value for key, value in fused.state_dict().items() if "lora_" in key}
     separate.load_state_dict(adapter, strict=False)  # the same adapter weights (init_lora_weights=False draws them)
     kernel, calls = torch.ops.aten._weight_int4pack_mm_for_cpu, []
@@ -143,6 +144,30 @@ def test_a_token_gets_the_same_sums_through_the_dense_and_the_packed_path():
     terms = prompt.bfloat16().float().abs() @ layer.weight.abs().T
     step = packed.abs().clamp(min=2**-126) * 2**-7 + terms * 2**-20
     assert ((dense - packed).abs() <= step).all(), "the two paths differ by more than one bf16 step"
+
+
+def test_where_the_model_computes_in_fp32_prompts_multiply_through_onednn_and_its_weights_are_held_once(monkeypatch):
+    """CPUs without bf16 units: each layer's dense fp32 weight is held once, in oneDNN's layout; a prompt's rows
+    multiply through it with the plain weights' sums (up to the order of additions); DoRA still reads `weight`."""
+    import platform
+
+    import assistant.quant
+
+    assert assistant.quant.onednn_works() or platform.machine() not in ("x86_64", "AMD64"), "x86 torch packs for oneDNN"
+    packed = quantize_for_cpu(tiny_llama(256).eval(), torch.float32)
+    monkeypatch.setattr(assistant.quant, "onednn_works", lambda: False)
+    plain = quantize_for_cpu(tiny_llama(256).eval(), torch.float32)  # the same seeded weights, plain dense copies
+    layers = [m for m in packed.modules() if isinstance(m, (Int4Linear, Int4Slice))]
+    assert layers and not any("weight" in layer._parameters for layer in layers), "a plain dense copy is held"
+    onednn, calls = torch.ops.mkldnn._linear_pointwise, []
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or onednn(*a))
+    ids = torch.randint(0, 256, (1, 3 * QUANT_ROWS))  # a prompt: the dense path
+    with torch.inference_mode():
+        ours, theirs = packed(ids).logits, plain(ids).logits
+    assert len(calls) == 2 * 4, calls  # 2 layers: qkv, o, gate+up, down
+    torch.testing.assert_close(ours, theirs, rtol=0.02, atol=0.02)  # bf16 rounding of sums that differ in order
+    for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):  # a slice, a whole layer
+        assert torch.equal(packed.get_submodule(name).weight, plain.get_submodule(name).weight), name
 
 
 def test_int4_precision_rules():

@@ -14,6 +14,7 @@ from assistant.generation import GenerationParams, complete_reply
 from assistant.loading import load_chat_model
 from serve import registry as registry_module
 from serve.registry import BASE_CHOICE, ChoiceError, ModelRegistry
+from train.export.roundtrip import TIE_SWING
 
 GREEDY = GenerationParams(max_new_tokens=10, temperature=0.0)
 HELLO = [{"role": "user", "content": "Hello, how are you today?"}]
@@ -52,6 +53,37 @@ def replies_together(registry: ModelRegistry, choices: list[str], monkeypatch) -
     return together, batches
 
 
+def scores_by_step(monkeypatch) -> dict[str | None, list]:
+    """From now on, each row's scores at each step (what its greedy token is the argmax of), by adapter name:
+    [(reply length, scores), ...] in the order they were computed."""
+    from assistant import batching
+
+    seen: dict[str | None, list] = {}
+    pick = batching._MinTokens.__call__
+
+    def recorded(self, input_ids, scores):
+        for row, request in enumerate(self.batch):
+            seen.setdefault(request.adapter, []).append((len(request.reply), scores[row].float().clone()))
+        return pick(self, input_ids, scores)
+
+    monkeypatch.setattr(batching._MinTokens, "__call__", recorded)
+    return seen
+
+
+def swing_where_they_part(steps: list) -> float:
+    """Two greedy runs of one reply (the steps of the first, then of the second): where their tokens first differ,
+    how far each prefers its own token over the other's, added (the export round trip's tie rule)."""
+    first, second = {}, {}
+    for length, scores in steps:
+        (second if length in first else first)[length] = scores
+    for length in sorted(set(first) & set(second)):
+        a, b = first[length], second[length]
+        mine, theirs = int(a.argmax()), int(b.argmax())
+        if mine != theirs:
+            return float(a[mine] - a[theirs] + b[theirs] - b[mine])
+    return 0.0
+
+
 @pytest.fixture(scope="module")
 def adapters_dir(tmp_path_factory, lora_adapter) -> Path:
     """pirate (LoRA on q/v), sailor (LoRA on k/o/up: modules pirate leaves alone), prefix (prefix tuning)."""
@@ -71,13 +103,19 @@ def test_adapters_share_one_base_and_decode_in_one_batch(adapters_dir, precision
     registry = ModelRegistry(adapters_dir, precision=precision)
     choices = [BASE_CHOICE, "pirate", "prefix", "sailor"]
     assert registry.choices == choices
+    scores = scores_by_step(monkeypatch)
     solo = {c: complete_reply(registry.get(c), HELLO, GREEDY) for c in choices}
     assert len(set(solo.values())) == 4, f"every adapter changes the reply: {solo}"
     hosts = {id(registry.get(c).host) for c in choices}
     assert len(hosts) == 1 and len(registry._hosts) == 1, "every adapter is attached to one copy of the base"
 
     together, batches = replies_together(registry, choices, monkeypatch)
-    assert together == solo, "a reply decoded beside other adapters' equals its reply alone"
+    if precision == "fp32":
+        assert together == solo, "a reply decoded beside other adapters' equals its reply alone"
+    else:  # int4 rounds each layer's sums to bf16: a batch's other rows move a logit by a bf16 step now and then
+        for choice in choices:  # (seen: 0.25 at 28), and an exact tie (seen: sailor's 0.0) goes either way
+            name = registry.get(choice).adapter_name
+            assert together[choice] == solo[choice] or swing_where_they_part(scores[name]) < TIE_SWING, choice
     mixed = [names for group, names in batches if len(set(names)) >= 3]
     assert mixed, f"base and both LoRA adapters were not decoded in one batch: {batches}"
     if precision == "fp32":  # ...and equal to the adapter loaded on its own, the way train.eval loads it
