@@ -20,8 +20,7 @@ On a CPU without bf16 units the model computes in fp32 instead (Precision.comput
 is then fp32 (~540 MB), and the kernels still win at every batch size up to 8 (AVX2 EPYC: 8 rows 74-80
 vs 56 tokens/s on the fp32 weights; one row 20-26 vs 14-15). That copy is held in oneDNN's packed layout
 (pack_for_onednn), not as `weight`: MKL's GEMM, which F.linear calls in fp32, took as long for 9 rows as
-for 30 on that CPU, oneDNN's 1.2-2.3x less for 9-56 rows (a first token after a kept system prompt:
-221-247 -> 145-161 ms).
+for 30 on that CPU, oneDNN's 1.2-2.3x less for 9-56 rows (about even past ~128).
 """
 
 from __future__ import annotations
@@ -228,7 +227,8 @@ def onednn_works() -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        weight, rows = torch.randn(64, 32), torch.randn(9, 32)
+        draw = torch.Generator().manual_seed(0)  # not the global generator: a seeded caller's draws stay its own
+        weight, rows = torch.randn(64, 32, generator=draw), torch.randn(9, 32, generator=draw)
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, ONEDNN_ROWS)
         got = torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
         return bool(torch.allclose(got, rows @ weight.T, atol=1e-4))

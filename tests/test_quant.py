@@ -262,7 +262,10 @@ def test_int4_replies_decode_every_quantized_layer_through_the_packed_kernel(mon
     # The reply is what bf16 would say: each token int4 chose is among bf16's three likeliest there.
     assert "Paris" in reply, reply
     prompt, _ = fit_history(chat.tokenizer, messages, 1024)
-    chosen = torch.cat([ids.flatten() for ids in decode_steps])
+    steps = torch.cat([ids.flatten() for ids in decode_steps])
+    # The system prompt (the template's own) is kept, so the prompt's last token runs as the first decode step.
+    assert int(steps[0]) == prompt[-1], "the last prompt token is the first decode step's input"
+    chosen = steps[1:]
     bf16 = load_chat_model(precision="bf16")
     with torch.inference_mode():
         logits = bf16.model(torch.tensor([prompt + chosen.tolist()])).logits[0, len(prompt) - 1 : -1]
