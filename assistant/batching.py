@@ -21,7 +21,7 @@ its own tokens (with oneDNN's packed weights, assistant/quant.py: the default pr
 248-331 -> 164-248 ms, customer_support's 426-585 -> 191-256 ms, in process on an AVX2 EPYC). Computed
 alone and the same way whether or not they were kept, they never make a reply depend on which chats came
 first; and such a row always runs as [system prompt][the rest][its last token as the first decode step],
-alone or joining a batch.
+alone or joining a batch. Newcomers' rests run in one pass together, padded, not one pass each.
 An error inside a batch fails that batch's requests (they receive the exception) and the engine goes on.
 """
 
@@ -344,53 +344,58 @@ class BatchEngine:
             kv = self.prefixes.put(key, _row_kv(out.past_key_values, 0, len(head)))
         return kv
 
-    def _prefixed_kv(self, request: Request, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A new row's keys/values of context[:-1]: its system prompt's (kept), then one pass over the rest."""
-        kv, start = self._prefix_kv(request, device), request.prefix
-        rest = request.context[start:-1]
-        if not rest:
-            return kv
-        model, _, extra = self.host.runner(MAIN, [request.adapter])
+    def _batch_cache(self, batch: list[Request], pad: int, device) -> DynamicCache:
+        """One cache for a resumed batch: paused rows' keys/values, then the newcomers' (_newcomers_kv)."""
+        new = [r for r in batch if r.kv is None]
+        if new:
+            self._newcomers_kv(new, pad, device)
+        return DynamicCache(ddp_cache_data=_stacked([r.kv for r in batch], max(len(r.context) - 1 for r in batch)))
+
+    def _newcomers_kv(self, new: list[Request], pad: int, device) -> None:
+        """Each newcomer's keys/values of context[:-1]: its system prompt's (kept), then one pass for all of them.
+
+        The pass runs every newcomer's own tokens at once, on the kept keys/values: row by row it laid out 8 chats
+        that arrived together as 8 passes of a few tokens. A row is [padding][system prompt][padding][the rest],
+        the padding masked out, each part numbered from where it starts in the row's own context.
+        """
+        heads = [self._prefix_kv(r, device) if r.prefix else None for r in new]
+        rests = [r.context[r.prefix : -1] for r in new]
+        if all(heads) and not any(rests):
+            for r, head in zip(new, heads, strict=True):
+                r.kv = head
+            return
+        held, width = max(r.prefix for r in new), max(1, *map(len, rests))
+        ids = torch.tensor([[pad] * (width - len(rest)) + rest for rest in rests], device=device)
+        mask = torch.tensor(
+            [[0] * (held - r.prefix) + [1] * r.prefix + [0] * (width - len(rest)) + [1] * len(rest)
+             for r, rest in zip(new, rests, strict=True)],
+            device=device,
+        )
+        positions = torch.tensor(
+            [[r.prefix] * (width - len(rest)) + list(range(r.prefix, r.prefix + len(rest)))
+             for r, rest in zip(new, rests, strict=True)],
+            device=device,
+        )
+        model, _, extra = self.host.runner(MAIN, [r.adapter for r in new])
         out = model(
-            input_ids=torch.tensor([rest], device=device),
-            position_ids=torch.arange(start, start + len(rest), device=device)[None],
-            past_key_values=_one_row_cache(kv),  # updates make new tensors: the kept ones stay as they are
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            # A new cache of new tensors: updates concatenate, so the kept keys/values stay as they are.
+            past_key_values=DynamicCache(ddp_cache_data=_stacked(heads, held)) if held else DynamicCache(),
             use_cache=True,
             logits_to_keep=1,
             **extra,
         )
-        return _row_kv(out.past_key_values, 0, start + len(rest))
-
-    def _batch_cache(self, batch: list[Request], pad: int, device) -> DynamicCache:
-        """One cache for a resumed batch: paused rows' keys/values, the newcomers' from a prompt pass (after their
-        kept system prompt's where they have one)."""
-        for r in batch:
-            if r.kv is None and r.prefix:
-                r.kv = self._prefixed_kv(r, device)
-        new = [r for r in batch if r.kv is None]
-        if new:
-            contexts = [r.context[:-1] for r in new]
-            ids, mask = _left_padded(contexts, pad, device)
-            model, _, extra = self.host.runner(MAIN, [r.adapter for r in new])
-            out = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),  # as generate() numbers padded rows
-                past_key_values=DynamicCache(),
-                use_cache=True,
-                logits_to_keep=1,
-                **extra,
-            )
-            for row, (r, context) in enumerate(zip(new, contexts, strict=True)):
-                r.kv = _row_kv(out.past_key_values, row, len(context))
-        length = max(len(r.context) - 1 for r in batch)
-        layers = []
-        for per_row in zip(*(r.kv for r in batch), strict=True):  # one layer: (keys, values) of each row
-            keys, values = (
-                torch.stack([F.pad(t[i], (0, 0, length - t[i].shape[1], 0)) for t in per_row]) for i in (0, 1)
-            )
-            layers.append((keys, values))
-        return DynamicCache(ddp_cache_data=layers)
+        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        end = held + width
+        if any(keys.shape[2] != end for keys, _ in layers):  # e.g. a sliding-window cache
+            raise IndexError(f"the cache does not hold the {end} positions of the newcomers' pass")
+        for row, (r, rest) in enumerate(zip(new, rests, strict=True)):
+            r.kv = [
+                tuple(torch.cat((t[row, :, held - r.prefix : held], t[row, :, end - len(rest) :]), 1) for t in layer)
+                for layer in layers
+            ]
 
 
 class PrefixCache:
@@ -445,9 +450,14 @@ def _row_kv(cache, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tens
     ]
 
 
-def _one_row_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A one-row cache of a row's keys/values (as _row_kv copies them out)."""
-    return DynamicCache(ddp_cache_data=[(keys[None], values[None]) for keys, values in kv])
+def _stacked(kvs: list[list | None], length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rows' keys/values per layer, each row left-padded with zeros to `length` positions (None: padding only)."""
+    like = next(kv for kv in kvs if kv is not None)
+    kvs = [kv if kv is not None else [(k[:, :0], v[:, :0]) for k, v in like] for kv in kvs]
+    return [
+        tuple(torch.stack([F.pad(row[i], (0, 0, length - row[i].shape[1], 0)) for row in per_row]) for i in (0, 1))
+        for per_row in zip(*kvs, strict=True)  # one layer: (keys, values) of each row
+    ]
 
 
 def _budgeted(kwargs: dict, batch: list[Request]) -> dict:

@@ -183,19 +183,22 @@ def test_a_system_prompt_runs_through_the_model_once_and_no_reply_depends_on_wha
     assert reply(CHATS[1], len(SYSTEM_IDS)) == fresh[1]
     assert seen[0] == 2 and 6 not in seen, "the second chat starts from the kept keys/values"
     assert reply(CHATS[0], len(SYSTEM_IDS)) == fresh[0], "the same reply whether the cache was cold or warm"
-    # Chats that arrive together: each one's own tokens on the kept keys/values, then one batch.
+    # Chats that arrive together: their own tokens in one pass on the kept keys/values, then one batch.
     engine = engine_for(host)
+    seen.clear()
     with engine.cond:  # held: all three are waiting when the engine next looks
         together = [engine.submit(Request(ids, params(6), threading.Event(), prefix=p))
                     for ids, p in zip(CHATS, [6, 0, 6])]
     assert [drain(r) for r in together] == fresh
-    # What such a row resumes from: the keys/values of one whole pass over its context but the last token.
-    row = Request(CHATS[2], params(6), threading.Event(), prefix=len(SYSTEM_IDS))
+    assert seen[:2] == [len(CHATS[1]) - 1, 1], f"one pass for the three newcomers, then decode steps: {seen}"
+    # What such rows resume from: the keys/values of one whole pass over each context but its last token.
+    rows = [Request(ids, params(6), threading.Event(), prefix=p) for ids, p in zip(CHATS, [6, 0, 6])]
     with torch.inference_mode():
-        kept = engine._prefixed_kv(row, "cpu")
-        whole = host.base(input_ids=torch.tensor([CHATS[2][:-1]]), use_cache=True).past_key_values
-    for (keys, values), layer in zip(kept, whole.layers, strict=True):
-        torch.testing.assert_close((keys, values), (layer.keys[0], layer.values[0]))
+        engine._newcomers_kv(rows, host.tokenizer.pad_token_id, "cpu")
+        for r in rows:
+            whole = host.base(input_ids=torch.tensor([r.ids[:-1]]), use_cache=True).past_key_values
+            for (keys, values), layer in zip(r.kv, whole.layers, strict=True):
+                torch.testing.assert_close((keys, values), (layer.keys[0], layer.values[0]))
     host.version += 1  # what an attach does: the kept keys/values may be stale
     seen.clear()
     assert reply(CHATS[2], len(SYSTEM_IDS)) == fresh[2]
