@@ -100,7 +100,8 @@ class _RowStop(StoppingCriteria):
     A batch pauses for newcomers that can join it, for an older request it cannot take (after
     SLICE_S) and for an adapter being attached. A join costs a prompt pass (the newcomers'; every
     row's for prefix-tuned models), so a batch first decodes for at least as long as its own prompt
-    pass took: under a steady stream of arrivals at most half the time goes to prompt passes.
+    pass took: under a steady stream of arrivals at most half the time goes to prompt passes. Unless
+    the newcomers are at least as many as its rows (BatchEngine.pause_for).
     """
 
     def __init__(self, batch: list[Request], engine: BatchEngine):
@@ -114,11 +115,9 @@ class _RowStop(StoppingCriteria):
         self.first_step_at = self.first_step_at or now
         if self.engine.host.attaching.is_set():
             self.reason = "attach"
-        elif self.steps >= MIN_STEPS:
+        elif self.steps >= MIN_STEPS and self.reason is None:
             decoded_long_enough = now - self.first_step_at >= self.first_step_at - self.started
-            reason = self.engine.pause_for(self.batch, now - self.started)
-            if reason == "yield" or (reason == "join" and decoded_long_enough):
-                self.reason = reason
+            self.reason = self.engine.pause_for(self.batch, now - self.started, decoded_long_enough)
         return torch.tensor(
             [self.reason is not None or r.done or r.cancel.is_set() for r in self.batch], device=input_ids.device
         )
@@ -198,16 +197,23 @@ class BatchEngine:
             self.cond.notify()
         return request
 
-    def pause_for(self, batch: list[Request], ran_s: float) -> str | None:
+    def pause_for(self, batch: list[Request], ran_s: float, decoded_long_enough: bool = True) -> str | None:
         """'join' when the oldest waiting request can join this batch, 'yield' when it cannot and the batch
-        has had its slice, else None."""
+        has had its slice, else None.
+
+        A join waits until the batch `decoded_long_enough`, unless the newcomers are at least as many as its
+        rows: their one prompt pass then delays fewer chats than it starts, and each such join at least doubles
+        the batch, so it can come only a few times in a row (8 chats through /chat waited 0.9 s for one).
+        """
         with self.cond:
             if not self.waiting:
                 return None
             oldest = min(self.waiting, key=lambda r: r.queued)
             if oldest.key != batch[0].key:
                 return "yield" if ran_s >= SLICE_S else None
-            return "join" if sum(not r.done for r in batch) < self.max_batch else None
+            rows = sum(not r.done for r in batch)
+            newcomers = min(sum(r.key == oldest.key for r in self.waiting), self.max_batch - rows)
+            return "join" if newcomers > 0 and (decoded_long_enough or newcomers >= rows) else None
 
     def close(self, timeout: float = 10.0) -> None:
         """End the engine thread once its current batch is done (waiting requests are not started)."""
@@ -403,7 +409,7 @@ class PrefixCache:
 
     def __init__(self, limit: int):
         self.limit, self.size, self.hits, self.misses, self.version = limit, 0, 0, 0, 0
-        self.entries: OrderedDict[tuple, list] = OrderedDict()
+        self.entries: OrderedDict[tuple, tuple[list, int]] = OrderedDict()  # key -> (keys/values, their bytes)
 
     def keep_for(self, version: int) -> None:
         """Drop every entry if the host's version is not the one they were computed at."""
@@ -413,22 +419,21 @@ class PrefixCache:
 
     def get(self, key: tuple) -> list | None:
         """The kept keys/values, or None."""
-        kv = self.entries.get(key)
-        if kv is None:
+        entry = self.entries.get(key)
+        if entry is None:
             self.misses += 1
             return None
         self.hits += 1
         self.entries.move_to_end(key)
-        return kv
+        return entry[0]
 
     def put(self, key: tuple, kv: list) -> list:
         """Keep `kv` (unless it alone is over the limit), dropping the least recently used; returns it."""
         size = sum(k.nbytes + v.nbytes for k, v in kv)
         if size <= self.limit:
             while self.entries and self.size + size > self.limit:
-                _, dropped = self.entries.popitem(last=False)
-                self.size -= sum(k.nbytes + v.nbytes for k, v in dropped)
-            self.entries[key], self.size = kv, self.size + size
+                self.size -= self.entries.popitem(last=False)[1][1]
+            self.entries[key], self.size = (kv, size), self.size + size
         return kv
 
 

@@ -153,6 +153,34 @@ def test_end_of_turn_ids_leave_out_tokens_a_model_does_not_have(host):
     assert len(tokens) >= 2 and all(isinstance(t, int) for t in tokens), tokens
 
 
+def slowed(host: Host, pass_s: float, step_s: float) -> None:
+    """Every forward over several positions (a prompt pass) takes pass_s more, every decode step step_s more."""
+    host.base.model.embed_tokens.register_forward_hook(
+        lambda module, args, out: time.sleep(pass_s if args[0].shape[-1] > 1 else step_s))
+
+
+def test_newcomers_as_many_as_the_running_rows_join_at_once_and_fewer_wait_until_the_batch_decoded_its_pass(host):
+    slowed(host, pass_s=0.5, step_s=0.002)  # a batch decodes ~140 steps before it has decoded as long as its pass
+    engine = engine_for(host)
+
+    def tokens_when_the_late_one_starts(running: int) -> list[int]:
+        first = [engine.submit(Request(PROMPT, params(400), threading.Event())) for _ in range(running)]
+        for r in first:
+            [r.tokens.get(timeout=30) for _ in range(6)]  # under way
+        late = engine.submit(Request(PROMPT[:4], params(3), threading.Event()))
+        late.tokens.get(timeout=30)
+        made = [len(r.reply) for r in first]
+        for r in first:
+            r.cancel.set()
+        drain(late)
+        return made
+
+    # One running row, one newcomer: it joins after MIN_STEPS, not after ~100 steps.
+    assert max(tokens_when_the_late_one_starts(1)) < 6 + batching.MIN_STEPS + 10
+    # Two running rows, one newcomer: the rows first decode as long as their prompt pass took.
+    assert min(tokens_when_the_late_one_starts(2)) >= 40
+
+
 SYSTEM_IDS = [5, 9, 17, 33, 2, 7]  # a system prompt's tokens, then each chat's own
 CHATS = [SYSTEM_IDS + [40, 41, 42, 3], SYSTEM_IDS + [50, 51, 3], SYSTEM_IDS + [60, 3, 61, 62, 63]]
 
@@ -203,3 +231,21 @@ def test_a_system_prompt_runs_through_the_model_once_and_no_reply_depends_on_wha
     seen.clear()
     assert reply(CHATS[2], len(SYSTEM_IDS)) == fresh[2]
     assert seen[0] == 6, "computed again after the model changed"
+
+
+def test_kept_system_prompts_stay_under_their_limit_and_the_least_recently_used_goes_first():
+    def kv(positions: int) -> list:  # one layer: keys and values of 4-byte floats, 8 per position
+        return [(torch.zeros(1, positions, 8), torch.zeros(1, positions, 8))]
+
+    cache = batching.PrefixCache(limit=3 * 64 * 5)  # room for three entries of 5 positions (320 bytes each)
+    for name in "abc":
+        cache.put(name, kv(5))
+    assert cache.get("a") is not None  # now the most recently used
+    cache.put("d", kv(5))
+    assert list(cache.entries) == ["c", "a", "d"] and cache.get("b") is None
+    cache.put("e", kv(10))  # two entries' room: the two least recently used make way
+    assert list(cache.entries) == ["d", "e"] and cache.size == 320 * 3
+    assert cache.put("f", kv(16)) is not None and "f" not in cache.entries, "alone over the limit: not kept"
+    assert cache.size == sum(k.nbytes + v.nbytes for kv_, _ in cache.entries.values() for k, v in kv_)
+    cache.keep_for(cache.version + 1)
+    assert not cache.entries and cache.size == 0
