@@ -197,7 +197,7 @@ class BatchEngine:
             self.cond.notify()
         return request
 
-    def pause_for(self, batch: list[Request], ran_s: float, decoded_long_enough: bool = True) -> str | None:
+    def pause_for(self, batch: list[Request], ran_s: float, decoded_long_enough: bool) -> str | None:
         """'join' when the oldest waiting request can join this batch, 'yield' when it cannot and the batch
         has had its slice, else None.
 
@@ -370,37 +370,25 @@ class BatchEngine:
             for r, head in zip(new, heads, strict=True):
                 r.kv = head
             return
-        held, width = max(r.prefix for r in new), max(1, *map(len, rests))
-        ids = torch.tensor([[pad] * (width - len(rest)) + rest for rest in rests], device=device)
-        mask = torch.tensor(
-            [[0] * (held - r.prefix) + [1] * r.prefix + [0] * (width - len(rest)) + [1] * len(rest)
-             for r, rest in zip(new, rests, strict=True)],
-            device=device,
-        )
-        positions = torch.tensor(
-            [[r.prefix] * (width - len(rest)) + list(range(r.prefix, r.prefix + len(rest)))
-             for r, rest in zip(new, rests, strict=True)],
-            device=device,
-        )
+        held = max(r.prefix for r in new)
+        ids, own = _left_padded(rests, pad, device, width=1)  # width 1 at least: a row may have no own tokens
+        heads_mask = torch.tensor([[0] * (held - r.prefix) + [1] * r.prefix for r in new], device=device)
         model, _, extra = self.host.runner(MAIN, [r.adapter for r in new])
         out = model(
             input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
+            attention_mask=torch.cat((heads_mask, own), 1),
+            position_ids=(own.cumsum(-1) - 1).clamp(min=0) + torch.tensor([[r.prefix] for r in new], device=device),
             # A new cache of new tensors: updates concatenate, so the kept keys/values stay as they are.
             past_key_values=DynamicCache(ddp_cache_data=_stacked(heads, held)) if held else DynamicCache(),
             use_cache=True,
             logits_to_keep=1,
             **extra,
         )
-        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        end = held + width
-        if any(keys.shape[2] != end for keys, _ in layers):  # e.g. a sliding-window cache
-            raise IndexError(f"the cache does not hold the {end} positions of the newcomers' pass")
-        for row, (r, rest) in enumerate(zip(new, rests, strict=True)):
-            r.kv = [
-                tuple(torch.cat((t[row, :, held - r.prefix : held], t[row, :, end - len(rest) :]), 1) for t in layer)
-                for layer in layers
+        for row, (r, head, rest) in enumerate(zip(new, heads, rests, strict=True)):
+            kv = _row_kv(out.past_key_values, row, len(rest))
+            r.kv = kv if head is None else [
+                (torch.cat((head_keys, keys), 1), torch.cat((head_values, values), 1))
+                for (head_keys, head_values), (keys, values) in zip(head, kv, strict=True)
             ]
 
 
@@ -437,9 +425,9 @@ class PrefixCache:
         return kv
 
 
-def _left_padded(contexts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask of rows aligned on the right."""
-    width = max(len(c) for c in contexts)
+def _left_padded(contexts: list[list[int]], pad: int, device, width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of rows aligned on the right (at least `width` wide)."""
+    width = max(width, *map(len, contexts))
     ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=device)
     mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=device)
     return ids, mask
@@ -449,8 +437,9 @@ def _row_kv(cache, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tens
     """One row's keys/values over its last `length` positions (its real tokens), copied out of a batch cache."""
     if any(layer.keys.shape[2] < length for layer in cache.layers):  # e.g. a sliding-window cache
         raise IndexError(f"the cache holds fewer than {length} positions")
-    return [
-        (layer.keys[row, :, -length:].clone(), layer.values[row, :, -length:].clone())
+    return [  # from shape - length, not -length: a row with no positions gets none, not all
+        (layer.keys[row, :, layer.keys.shape[2] - length :].clone(),
+         layer.values[row, :, layer.values.shape[2] - length :].clone())
         for layer in cache.layers
     ]
 

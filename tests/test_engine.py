@@ -220,7 +220,9 @@ def test_a_system_prompt_runs_through_the_model_once_and_no_reply_depends_on_wha
     assert [drain(r) for r in together] == fresh
     assert seen[:2] == [len(CHATS[1]) - 1, 1], f"one pass for the three newcomers, then decode steps: {seen}"
     # What such rows resume from: the keys/values of one whole pass over each context but its last token.
-    rows = [Request(ids, params(6), threading.Event(), prefix=p) for ids, p in zip(CHATS, [6, 0, 6])]
+    # (The last has no own tokens before its last one: its keys/values are its system prompt's.)
+    rows = [Request(ids, params(6), threading.Event(), prefix=p)
+            for ids, p in zip([*CHATS, SYSTEM_IDS + [70]], [6, 0, 6, 6])]
     with torch.inference_mode():
         engine._newcomers_kv(rows, host.tokenizer.pad_token_id, "cpu")
         for r in rows:
